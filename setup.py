@@ -1,0 +1,40 @@
+"""vit_edge: efficient vision transformers for edge and IoT devices, in JAX/Flax."""
+
+import setuptools
+
+# The pinned stack installs together on Python 3.11 (see README "Install").
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "clu==0.0.12",
+    "ml-collections==1.1.0",
+    "tensorflow-cpu==2.21.0",
+    # TF 2.21 no longer pulls in tensorboard, which clu.metric_writers imports.
+    "tensorboard",
+    "tensorflow-datasets==4.9.10",
+    "ai-edge-litert==2.3.0",
+    "absl-py",
+    "numpy",
+    "Pillow",
+    # Ships the real 8x8 digits data set used as the offline default.
+    "scikit-learn",
+    "matplotlib",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest", "pytest-xdist"],
+}
+
+setuptools.setup(
+    name="vit_edge",
+    version="0.1.0",
+    description="Efficient vision transformers for edge and IoT devices (JAX/Flax).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["vit_edge", "vit_edge.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

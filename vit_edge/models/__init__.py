@@ -1,0 +1,17 @@
+"""The model zoo: create_model / list_models over every registered family.
+
+Importing this package registers all families (each module's factories carry
+``@register_model``).
+"""
+
+from vit_edge.models.registry import (ModelInfo, create_model, get_model_info,
+                                      list_models, register_model)
+
+# Imported for their registration side effect.
+from vit_edge.models import edgevit  # noqa: F401  pylint: disable=g-bad-import-order
+from vit_edge.models import mobilevitv2  # noqa: F401
+from vit_edge.models import tformer  # noqa: F401
+from vit_edge.models import vit  # noqa: F401
+
+__all__ = ["ModelInfo", "create_model", "get_model_info", "list_models",
+           "register_model"]
