@@ -1,6 +1,34 @@
-"""Test-wide settings: quiet TensorFlow, CPU only."""
+"""Test-wide settings: quiet TensorFlow, CPU only, 8 simulated CPU devices.
+
+The device count must be set before JAX initialises its backend, hence here.
+"""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture
+def write_tfds_metadata():
+  """Marks a TFDS set as prepared in a data_dir, so tfds.testing.mock_data serves it.
+
+  Usage: ``write_tfds_metadata(tmp_path, "cifar10", {"train": 12, "test": 12})``.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  def write(data_dir, name, split_sizes):
+    builder = tfds.builder(name, data_dir=str(data_dir))
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0)
+        for split, n in split_sizes.items()]))
+    builder.data_path.mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_path)
+
+  return write

@@ -1,0 +1,19 @@
+"""edgevit_s: training config (see vit_edge/recipes.py for every field and variant).
+
+Default (offline digits, small resolution, minutes on a 2-core CPU)::
+
+    python -m vit_edge.main --config=configs/edgevit_s.py --workdir=workdir/edgevit_s
+
+Published ImageNet-1K recipe (TFDS imagenet2012 prepared in DATA_DIR)::
+
+    python -m vit_edge.main --config=configs/edgevit_s.py:imagenet --config.data_dir=DATA_DIR \
+        --workdir=workdir/edgevit_s_imagenet
+
+Expected results: README.md, "Training results" (digits) and "Model zoo" (ImageNet).
+"""
+
+from vit_edge import recipes
+
+
+def get_config(arg=None):
+  return recipes.get_config("edgevit_s", arg)

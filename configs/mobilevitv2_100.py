@@ -1,0 +1,19 @@
+"""mobilevitv2_100: training config (see vit_edge/recipes.py for every field and variant).
+
+Default (offline digits, small resolution, minutes on a 2-core CPU)::
+
+    python -m vit_edge.main --config=configs/mobilevitv2_100.py --workdir=workdir/mobilevitv2_100
+
+Published ImageNet-1K recipe (TFDS imagenet2012 prepared in DATA_DIR)::
+
+    python -m vit_edge.main --config=configs/mobilevitv2_100.py:imagenet --config.data_dir=DATA_DIR \
+        --workdir=workdir/mobilevitv2_100_imagenet
+
+Expected results: README.md, "Training results" (digits) and "Model zoo" (ImageNet).
+"""
+
+from vit_edge import recipes
+
+
+def get_config(arg=None):
+  return recipes.get_config("mobilevitv2_100", arg)

@@ -1,0 +1,19 @@
+"""tformer_m: training config (see vit_edge/recipes.py for every field and variant).
+
+Default (offline digits, small resolution, minutes on a 2-core CPU)::
+
+    python -m vit_edge.main --config=configs/tformer_m.py --workdir=workdir/tformer_m
+
+Published ImageNet-1K recipe (TFDS imagenet2012 prepared in DATA_DIR)::
+
+    python -m vit_edge.main --config=configs/tformer_m.py:imagenet --config.data_dir=DATA_DIR \
+        --workdir=workdir/tformer_m_imagenet
+
+Expected results: README.md, "Training results" (digits) and "Model zoo" (ImageNet).
+"""
+
+from vit_edge import recipes
+
+
+def get_config(arg=None):
+  return recipes.get_config("tformer_m", arg)

@@ -1,0 +1,173 @@
+"""End-to-end training: one-step runs, resume, multi-device equivalence, bad input."""
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from vit_edge import input_pipeline
+from vit_edge import train
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**updates):
+  config = tiny_config.get_config(updates.pop("arg", None))
+  with config.unlocked():
+    for key, value in updates.items():
+      target = config
+      *parents, leaf = key.split(".")
+      for p in parents:
+        target = target[p]
+      target[leaf] = value
+  return config
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)])
+
+
+def test_train_digits_end_to_end(tmp_path):
+  results = train.train_and_evaluate(_config(), str(tmp_path))
+  assert results["step"] == 4
+  assert 0.0 <= results["eval/top1"] <= 1.0 and results["eval/top5"] >= results["eval/top1"]
+  assert os.path.isdir(tmp_path / "checkpoints" / "4")
+  assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  info = json.loads((tmp_path / "dataset_info.json").read_text())
+  assert info["num_classes"] == 10 and info["image_size"] == 32
+  # Evaluating the saved checkpoint reproduces the final in-training evaluation.
+  again = train.evaluate(_config(), str(tmp_path))
+  assert again["step"] == 4
+  assert again["eval/top1"] == pytest.approx(results["eval/top1"], abs=1e-6)
+
+
+def test_train_mock_tfds_one_step(tmp_path, write_tfds_metadata):
+  data_dir = tmp_path / "tfds"
+  write_tfds_metadata(data_dir, "cifar10", {"train": 32, "test": 32})
+  config = _config(dataset="cifar10", data_dir=str(data_dir), num_train_steps=1,
+                   eval_every_steps=1)
+  with tfds.testing.mock_data(num_examples=32, data_dir=str(data_dir)):
+    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["step"] == 1 and np.isfinite(results["eval/loss"])
+
+
+def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch):
+  config = _config(num_train_steps=6)
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+  real_iterator = input_pipeline.create_train_iterator
+
+  def crash_after_four(*args, **kwargs):
+    it = real_iterator(*args, **kwargs)
+    for i, batch in enumerate(it):
+      if kwargs.get("start_step", 0) == 0 and i == 4:
+        raise KeyboardInterrupt("simulated kill after step 4")
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "create_train_iterator", crash_after_four)
+  crashed = str(tmp_path / "crashed")
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, crashed)
+  assert sorted(os.listdir(os.path.join(crashed, "checkpoints"))) == ["2", "4"]
+  resumed = train.train_and_evaluate(config, crashed)
+  assert resumed["step"] == 6
+  for key in ("eval/loss", "eval/top1"):
+    assert resumed[key] == pytest.approx(straight[key], rel=1e-5, abs=1e-6)
+
+
+def _one_step(num_devices, fsdp=1, model="tformer_s"):
+  config = _config(arg=f"model={model}", **{"mesh.num_devices": num_devices,
+                                            "mesh.fsdp": fsdp})
+  trainer = train._Trainer(config, "/tmp/unused")  # pylint: disable=protected-access
+  it = input_pipeline.create_train_iterator(
+      config, mean=trainer.model_info.mean, std=trainer.model_info.std,
+      local_batch_size=trainer.local_batch)
+  from vit_edge import sharding  # pylint: disable=g-import-not-at-top
+  state = trainer._init(trainer._rng)  # pylint: disable=protected-access
+  with jax.set_mesh(trainer.mesh):
+    state, metrics = trainer.train_step(state, sharding.make_global_batch(next(it),
+                                                                          trainer.mesh))
+  return float(metrics.compute()["loss"]), _flat(state["params"]), _flat(
+      state["batch_stats"]) if state["batch_stats"] else None
+
+
+@pytest.mark.parametrize("model,fsdp", [("tformer_s", 1), ("tformer_s", 2),
+                                        ("edgevit_xxs", 1)])
+def test_eight_devices_match_one_device(model, fsdp):
+  """Same batch, same init: loss, updated params and BN statistics agree.
+
+  Tolerance: 1e-5 relative on the loss, 1e-5 absolute on parameters (float32
+  reductions are split differently across devices).
+  """
+  assert jax.device_count() == 8, "tests/conftest.py asks for 8 CPU devices"
+  loss1, params1, stats1 = _one_step(1, model=model)
+  loss8, params8, stats8 = _one_step(8, fsdp=fsdp, model=model)
+  assert loss8 == pytest.approx(loss1, rel=1e-5)
+  np.testing.assert_allclose(params8, params1, atol=1e-5)
+  if stats1 is not None:
+    np.testing.assert_allclose(stats8, stats1, atol=1e-5)
+
+
+def test_batch_size_not_divisible_by_devices(tmp_path):
+  with pytest.raises(ValueError, match=r"batch_size=12 does not divide by the 8 devices"):
+    train.train_and_evaluate(_config(batch_size=12), str(tmp_path))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  real_iterator = input_pipeline.create_train_iterator
+
+  def poisoned(*args, **kwargs):
+    for i, batch in enumerate(real_iterator(*args, **kwargs)):
+      if i >= 2:
+        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "create_train_iterator", poisoned)
+  with pytest.raises(FloatingPointError, match="step 4"):
+    train.train_and_evaluate(_config(), str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _main_cmd(workdir, *extra):
+  return [sys.executable, "-m", "vit_edge.main",
+          f"--config={os.path.join(REPO, 'tests', 'tiny_config.py')}",
+          f"--workdir={workdir}", *extra]
+
+
+def test_unknown_config_field_is_an_error(tmp_path):
+  proc = subprocess.run(_main_cmd(tmp_path, "--config.no_such_field=1"),
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode != 0
+  assert "no_such_field" in proc.stderr
+
+
+def test_two_processes_on_loopback_train_and_checkpoint(tmp_path):
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(
+      _main_cmd(tmp_path, f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2", f"--process_id={i}", "--num_cpu_devices=2"),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  results = json.loads(outputs[0][0].strip().splitlines()[-1])
+  assert results["step"] == 4
+  assert os.path.isdir(tmp_path / "checkpoints" / "4")

@@ -1,0 +1,444 @@
+"""EdgeViT (Pan et al., ECCV 2022, arXiv 2205.03436) in Flax linen.
+
+Reference: the official code, saic-fi/edgevit ``src/edgevit.py`` (``EdgeVit``,
+``LGLBlock``, ``LocalAgg``, ``SelfAttn``, ``GlobalSparseAttn``, ``PatchEmbed``).
+
+Faithful to the reference:
+
+* Layer order, every norm and its epsilon (patch-embed LayerNorm 1e-5, the two
+  SelfAttn LayerNorms 1e-6, the LayerNorm after the local propagation 1e-5,
+  BatchNorm 1e-5 in LocalAgg and on the last feature map), paddings (3x3 CPE pad 1,
+  5x5 depthwise "attn" conv pad 2), biases (every conv and Linear has one; qkv too).
+* The delegate sampler ``AvgPool2d(kernel=1, stride=r)`` is exactly a strided slice
+  ``x[:, ::r, ::r]``; the local propagation ``ConvTranspose2d(C, C, r, stride=r,
+  groups=C)`` has kernel == stride, so its output windows never overlap and it is
+  an exact per-channel broadcast multiply followed by a reshape (no conv_transpose
+  in the exported graph).
+* Drop-path rates rise linearly over all blocks (``torch.linspace``); both
+  sub-blocks of one block share a rate. ``dropout_rate`` is the reference's
+  ``drop_rate``: the dropout after the first patch embedding (``pos_drop``), inside
+  both MLPs and after the attention projection. The reference has no dropout
+  right before the head, so neither does this port.
+* Initialisation: Linear trunc-normal(0.02) with zero bias, LayerNorm 1/0 (the
+  reference's ``_init_weights``); convolutions keep PyTorch's default
+  Kaiming-uniform(a=sqrt(5)) weight and uniform bias, as in the reference, which
+  never re-initialises them.
+* Parameter names follow the reference attributes (``patch_embed1.proj``,
+  ``blocks3_1.SelfAttn.attn.LocalProp``, ...), one Flax parameter per torch tensor;
+  see :func:`convert_torch_state_dict`.
+
+Differences: the layout is NHWC; the reference asserts the exact training
+resolution in ``PatchEmbed`` while this port (which has no position embedding)
+accepts any resolution divisible by the total stride 32. Attention logits are
+soft-maxed in float32 when the compute dtype is lower, for stability.
+No pretrained weights were released by the authors.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_edge.models import layers
+from vit_edge.models import registry
+
+Dtype = Any
+
+# Patch-embedding kernel = stride before each of the four stages.
+PATCH_SIZES = (4, 2, 2, 2)
+TOTAL_STRIDE = 32
+
+# PyTorch's default Conv2d / ConvTranspose2d weight init: kaiming_uniform(a=sqrt(5)),
+# i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)). EdgeViT never re-initialises its convs.
+torch_conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_conv_bias_init(fan_in: int):
+  """PyTorch's default conv bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+  Example: ``nn.Conv(8, (3, 3), bias_init=torch_conv_bias_init(27))``.
+  """
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _conv(features: int, kernel: int, in_features: int, dtype: Dtype, name: str,
+          groups: int = 1, stride: int = 1, padding: int = 0) -> nn.Conv:
+  """A torch-initialised Conv2d with bias (explicit symmetric padding)."""
+  fan_in = in_features // groups * kernel * kernel
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)),
+                 feature_group_count=groups, dtype=dtype,
+                 kernel_init=torch_conv_kernel_init,
+                 bias_init=torch_conv_bias_init(fan_in), name=name)
+
+
+def _layer_norm(epsilon: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+  """LayerNorm over channels with the reference's epsilon."""
+  # Two-pass variance, as torch computes it (the fast E[x^2]-E[x]^2 form drifts).
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, name=name)
+
+
+class DepthwiseConvTransposeNoOverlap(nn.Module):
+  """Depthwise ``ConvTranspose2d(C, C, r, stride=r, groups=C)`` with bias, NHWC.
+
+  Because kernel == stride the output windows do not overlap: output pixel
+  ``(i * r + a, j * r + b)`` of channel c is ``x[i, j, c] * kernel[a, b, 0, c] +
+  bias[c]``. Written as a broadcast multiply plus reshape so that TFLite export
+  needs no transposed convolution. Kernel layout (r, r, 1, C) is torch's
+  (C, 1, r, r) transposed like any conv kernel (OIHW -> HWIO).
+
+  Example: ``DepthwiseConvTransposeNoOverlap(2)(jnp.ones((1, 7, 7, 8)))`` has shape
+  (1, 14, 14, 8).
+  """
+
+  ratio: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    r = self.ratio
+    # torch computes fan_in of a ConvTranspose2d weight from size(1) * r * r = r * r.
+    kernel = self.param("kernel", torch_conv_kernel_init, (r, r, 1, c), jnp.float32)
+    bias = self.param("bias", torch_conv_bias_init(r * r), (c,), jnp.float32)
+    kernel = kernel.astype(self.dtype)[:, :, 0, :]  # (r, r, C)
+    y = x[:, :, None, :, None, :] * kernel[None, None, :, None, :, :]
+    y = y.reshape(b, h * r, w * r, c)
+    return y + bias.astype(self.dtype)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patch conv (kernel = stride, bias) then LayerNorm(eps 1e-5)."""
+
+  embed_dim: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.patch_size
+    x = _conv(self.embed_dim, p, x.shape[-1], self.dtype, "proj", stride=p)(x)
+    return _layer_norm(1e-5, self.dtype, "norm")(x)
+
+
+class CMlp(nn.Module):
+  """1x1 conv d -> hidden, GELU, dropout, 1x1 conv hidden -> d, dropout."""
+
+  hidden_features: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    dim = x.shape[-1]
+    x = _conv(self.hidden_features, 1, dim, self.dtype, "fc1")(x)
+    x = layers.gelu(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = _conv(dim, 1, self.hidden_features, self.dtype, "fc2")(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class LocalAgg(nn.Module):
+  """Local aggregation: CPE, then BN -> 1x1 -> DW5x5 -> 1x1, then BN -> ConvMLP."""
+
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    dim = x.shape[-1]
+    x = x + _conv(dim, 3, dim, self.dtype, "pos_embed", groups=dim, padding=1)(x)
+    y = layers.batch_norm(train, self.dtype, name="norm1", use_fast_variance=False)(x)
+    y = _conv(dim, 1, dim, self.dtype, "conv1")(y)
+    y = _conv(dim, 5, dim, self.dtype, "attn", groups=dim, padding=2)(y)
+    y = _conv(dim, 1, dim, self.dtype, "conv2")(y)
+    x = x + layers.DropPath(self.drop_path)(y, deterministic=not train)
+    y = layers.batch_norm(train, self.dtype, name="norm2", use_fast_variance=False)(x)
+    y = CMlp(int(dim * self.mlp_ratio), self.dropout_rate, self.dtype, name="mlp")(
+        y, deterministic=not train)
+    return x + layers.DropPath(self.drop_path)(y, deterministic=not train)
+
+
+class GlobalSparseAttn(nn.Module):
+  """Attention among delegate tokens (one per r x r window), then local propagation.
+
+  With ``sr_ratio == 1`` this is plain multi-head self-attention over all tokens.
+  Input and output are NHWC feature maps.
+  """
+
+  num_heads: int
+  sr_ratio: int = 1
+  qkv_bias: bool = True
+  attn_dropout_rate: float = 0.0
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    b, h, w, c = x.shape
+    r = self.sr_ratio
+    head_dim = c // self.num_heads
+    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=layers.trunc_normal,
+                              bias_init=nn.initializers.zeros)
+    if r > 1:
+      # AvgPool2d(kernel_size=1, stride=r): keep the top-left token of each window.
+      x = x[:, ::r, ::r, :]
+    hs, ws = x.shape[1], x.shape[2]
+    tokens = x.reshape(b, hs * ws, c)
+    qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv")(tokens)
+    qkv = qkv.reshape(b, hs * ws, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q @ k.swapaxes(-2, -1)) * (head_dim ** -0.5)
+    attn = jax.nn.softmax(attn.astype(jnp.promote_types(attn.dtype, jnp.float32)),
+                          axis=-1).astype(self.dtype)
+    attn = nn.Dropout(self.attn_dropout_rate)(attn, deterministic=deterministic)
+    out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, hs, ws, c)
+    if r > 1:
+      out = DepthwiseConvTransposeNoOverlap(r, self.dtype, name="LocalProp")(out)
+      out = _layer_norm(1e-5, self.dtype, "norm")(out)
+    out = dense(c, name="proj")(out)
+    return nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
+
+
+class SelfAttn(nn.Module):
+  """Second CPE, then pre-norm global sparse attention and pre-norm MLP (LN eps 1e-6)."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  sr_ratio: int = 1
+  qkv_bias: bool = True
+  drop_path: float = 0.0
+  dropout_rate: float = 0.0
+  attn_dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    dim = x.shape[-1]
+    x = x + _conv(dim, 3, dim, self.dtype, "pos_embed", groups=dim, padding=1)(x)
+    y = _layer_norm(1e-6, self.dtype, "norm1")(x)
+    y = GlobalSparseAttn(self.num_heads, self.sr_ratio, self.qkv_bias,
+                         self.attn_dropout_rate, self.dropout_rate, self.dtype,
+                         name="attn")(y, deterministic=not train)
+    x = x + layers.DropPath(self.drop_path)(y, deterministic=not train)
+    y = _layer_norm(1e-6, self.dtype, "norm2")(x)
+    y = layers.Mlp(int(dim * self.mlp_ratio), dropout_rate=self.dropout_rate,
+                   dtype=self.dtype, name="mlp")(y, deterministic=not train)
+    return x + layers.DropPath(self.drop_path)(y, deterministic=not train)
+
+
+class LGLBlock(nn.Module):
+  """Local-Global-Local block: LocalAgg (only when sr_ratio > 1), then SelfAttn."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  sr_ratio: int = 1
+  qkv_bias: bool = True
+  drop_path: float = 0.0
+  dropout_rate: float = 0.0
+  attn_dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    if self.sr_ratio > 1:
+      x = LocalAgg(self.mlp_ratio, self.drop_path, self.dropout_rate, self.dtype,
+                   name="LocalAgg")(x, train)
+    return SelfAttn(self.num_heads, self.mlp_ratio, self.sr_ratio, self.qkv_bias,
+                    self.drop_path, self.dropout_rate, self.attn_dropout_rate,
+                    self.dtype, name="SelfAttn")(x, train)
+
+
+class EdgeViT(nn.Module):
+  """EdgeViT classifier: four (patch embed -> LGL blocks) stages, BN, GAP, Linear.
+
+  Example::
+
+      model = EdgeViT(depths=(1, 1, 3, 2), embed_dims=(36, 72, 144, 288), head_dim=36)
+      variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+      logits, aux = model.apply(variables, images)  # aux["stage4"]: (1, 7, 7, 288)
+
+  Attributes:
+    depths: LGL blocks per stage.
+    embed_dims: channels per stage.
+    head_dim: attention head width; heads per stage = dim // head_dim.
+    mlp_ratio: hidden width of both MLPs relative to the stage width.
+    sr_ratios: delegate sample ratio r per stage (1 = plain global attention and
+      no LocalAgg).
+    qkv_bias: bias on the qkv projection.
+    num_classes: classifier size; 0 keeps no head (logits are the pre-logits).
+    drop_path_rate: stochastic-depth rate of the last block (linear from 0).
+    dropout_rate: the reference's drop_rate (after the stem, in MLPs, after proj).
+    attn_dropout_rate: dropout on attention probabilities (reference attn_drop_rate).
+    dtype: compute dtype; parameters stay float32.
+  """
+
+  depths: Sequence[int] = (1, 1, 3, 2)
+  embed_dims: Sequence[int] = (36, 72, 144, 288)
+  head_dim: int = 36
+  mlp_ratio: float = 4.0
+  sr_ratios: Sequence[int] = (4, 2, 2, 1)
+  qkv_bias: bool = True
+  num_classes: int = 1000
+  drop_path_rate: float = 0.0
+  dropout_rate: float = 0.0
+  attn_dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False):
+    layers.check_divisible_resolution(x, TOTAL_STRIDE, "EdgeViT")
+    x = x.astype(self.dtype)
+    dpr = layers.drop_path_rates(self.drop_path_rate, self.depths)
+    aux = {}
+    for s, (depth, dim) in enumerate(zip(self.depths, self.embed_dims)):
+      x = PatchEmbed(dim, PATCH_SIZES[s], self.dtype, name=f"patch_embed{s + 1}")(x)
+      if s == 0:
+        aux["stem"] = x
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)  # pos_drop
+      for i in range(depth):
+        x = LGLBlock(dim // self.head_dim, self.mlp_ratio, self.sr_ratios[s],
+                     self.qkv_bias, dpr[s][i], self.dropout_rate,
+                     self.attn_dropout_rate, self.dtype,
+                     name=f"blocks{s + 1}_{i}")(x, train)
+      aux[f"stage{s + 1}"] = x
+    x = layers.batch_norm(train, self.dtype, name="norm", use_fast_variance=False)(x)
+    x = jnp.mean(x, axis=(1, 2))
+    aux["pre_logits"] = x
+    logits = layers.classifier_head(x, self.num_classes, self.dtype, name="head")
+    return logits, aux
+
+
+def convert_torch_state_dict(state_dict: Mapping[str, Any], model: EdgeViT) -> dict:
+  """Maps an official-code EdgeViT state_dict (name -> array) to Flax variables.
+
+  Torch ``blocksN.i.`` becomes Flax ``blocksN_i``; Linear weights are transposed;
+  conv and transposed-conv weights go OIHW -> HWIO; norm ``weight`` becomes
+  ``scale``; BatchNorm running stats go to 'batch_stats' (``num_batches_tracked``
+  is dropped). Every tensor is checked against ``model``'s expected shapes.
+
+  Example::
+
+      sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+      variables = convert_torch_state_dict(sd, edgevit_xxs())
+
+  Args:
+    state_dict: reference parameter names -> numpy-convertible arrays.
+    model: the Flax module the weights are for (fixes the expected tree).
+
+  Returns:
+    ``{'params': ..., 'batch_stats': ...}`` as nested dicts of numpy arrays.
+
+  Raises:
+    ValueError: a tensor has no Flax counterpart, a shape disagrees, or a Flax
+      variable is left without a tensor.
+  """
+  size = TOTAL_STRIDE
+  expected = jax.eval_shape(
+      functools.partial(model.init, train=False), jax.random.key(0),
+      jnp.zeros((1, size, size, 3), jnp.float32))
+  expected = jax.tree_util.tree_map(lambda a: a.shape, nn.unbox(dict(expected)))
+  flat_expected = {
+      (col,) + path: shape
+      for col in expected
+      for path, shape in _flatten(expected[col]).items()}
+
+  out: dict = {}
+  seen = set()
+  for key, value in state_dict.items():
+    value = np.asarray(value)
+    parts = key.split(".")
+    leaf = parts[-1]
+    if leaf == "num_batches_tracked":
+      continue
+    module = []
+    for p in parts[:-1]:
+      if p.isdigit() and module and module[-1].startswith("blocks"):
+        module[-1] = f"{module[-1]}_{p}"
+      else:
+        module.append(p)
+    module = tuple(module)
+    if leaf in ("running_mean", "running_var"):
+      path = ("batch_stats",) + module + ({"running_mean": "mean",
+                                           "running_var": "var"}[leaf],)
+    elif leaf == "bias":
+      path = ("params",) + module + ("bias",)
+    elif leaf == "weight":
+      if ("params",) + module + ("scale",) in flat_expected:
+        path = ("params",) + module + ("scale",)
+      else:
+        path = ("params",) + module + ("kernel",)
+        if value.ndim == 4:
+          value = value.transpose(2, 3, 1, 0)
+        elif value.ndim == 2:
+          value = value.T
+    else:
+      raise ValueError(f"Unrecognised tensor {key!r} in the EdgeViT state_dict.")
+    if path not in flat_expected:
+      raise ValueError(
+          f"Tensor {key!r} maps to {'/'.join(path)}, which {type(model).__name__} "
+          "does not have; check the model size (depths/embed_dims) matches.")
+    if tuple(value.shape) != tuple(flat_expected[path]):
+      raise ValueError(
+          f"Tensor {key!r} -> {'/'.join(path)} has shape {value.shape} after "
+          f"conversion, expected {flat_expected[path]}.")
+    seen.add(path)
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value.astype(np.float32)
+
+  missing = sorted("/".join(p) for p in flat_expected if p not in seen)
+  if missing:
+    raise ValueError(f"The state_dict lacks {len(missing)} tensors, e.g. {missing[:5]}.")
+  return out
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple = ()) -> dict:
+  """Nested dict -> {path tuple: leaf}."""
+  flat = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      flat.update(_flatten(v, prefix + (k,)))
+    else:
+      flat[prefix + (k,)] = v
+  return flat
+
+
+_REGISTRY_INFO = dict(family="edgevit", image_size=224, stride=TOTAL_STRIDE,
+                      mean=registry.IMAGENET_MEAN, std=registry.IMAGENET_STD,
+                      reference="saic-fi/edgevit src/edgevit.py")
+
+
+@registry.register_model(top1=74.4, **_REGISTRY_INFO)
+def edgevit_xxs(**kwargs) -> EdgeViT:
+  """EdgeViT-XXS: 4.07M params, 0.55 GMACs at 224, 74.4% top-1."""
+  return EdgeViT(depths=(1, 1, 3, 2), embed_dims=(36, 72, 144, 288), head_dim=36,
+                 **kwargs)
+
+
+@registry.register_model(top1=77.5, **_REGISTRY_INFO)
+def edgevit_xs(**kwargs) -> EdgeViT:
+  """EdgeViT-XS: 6.77M params, 1.13 GMACs at 224, 77.5% top-1."""
+  return EdgeViT(depths=(1, 1, 3, 1), embed_dims=(48, 96, 240, 384), head_dim=48,
+                 **kwargs)
+
+
+@registry.register_model(top1=81.0, **_REGISTRY_INFO)
+def edgevit_s(**kwargs) -> EdgeViT:
+  """EdgeViT-S: 13.11M params, 1.91 GMACs at 224, 81.0% top-1."""
+  return EdgeViT(depths=(1, 2, 5, 3), embed_dims=(48, 96, 240, 384), head_dim=48,
+                 **kwargs)

@@ -1,0 +1,449 @@
+"""TFormer (Lu et al., IEEE TPDS 2023, arXiv 2302.07734): a RECONSTRUCTION.
+
+TFormer is a transmission-friendly ViT for IoT devices: its token mixer ("hybrid layer")
+is made of non-learnable pooling modules plus one pointwise convolution, and its
+feed-forward network ("PCS-FFN", partially connected with channel shuffle) is built from
+group convolutions. **The authors released no code and the paper's architecture table is
+not available to us**, so this module is a documented reconstruction, not a port. It is
+built to reproduce all six published complexity figures exactly or within rounding:
+
+=========  ======================  ================  ===============  =========
+model      depths                  params (exact)    MACs at 224      paper
+=========  ======================  ================  ===============  =========
+tformer_s  2, 2, 6, 2              8,379,560         1.22G            8.4M 1.2G
+tformer_m  4, 4, 12, 4             14,317,736        2.21G            14M 2.2G
+tformer_l  6, 6, 18, 6             20,255,912        3.20G            20M 3.2G
+=========  ======================  ================  ===============  =========
+
+What the paper states (and this module follows):
+  * the token mixer is a hybrid layer of non-learnable modules, max and average pooling
+    at several scales ("multi-type and multi-scale features"), followed by one
+    pointwise convolution;
+  * the FFN is PCS-FFN: group convolutions with a channel shuffle;
+  * three variants S / M / L with 8.4M / 14M / 20M params and 1.2G / 2.2G / 3.2G MACs,
+    76.1 / 79.7 / 80.6 ImageNet-1K top-1, DeiT-style training.
+
+What is assumed (chosen so that the figures above come out; change them here only):
+  * Macro layout: MetaFormer / PoolFormer (Yu et al., CVPR 2022), four stages of widths
+    64 / 128 / 320 / 512 at strides 4 / 8 / 16 / 32; depths S 2,2,6,2, M 4,4,12,4,
+    L 6,6,18,6 (PoolFormer-S12 / S24 / S36 depths).
+  * Stem: 7x7 conv, stride 4, padding 2, with bias, no norm. Downsampling between
+    stages: 3x3 conv, stride 2, padding 1, with bias, no norm (PoolFormer's PatchEmbed).
+  * Norms: GroupNorm with ONE group (normalises over H, W and C per sample, per-channel
+    affine), epsilon 1e-5, as PoolFormer; pre-norm on both residual branches; a final
+    GroupNorm(1 group) on the stage-4 map, then global average pooling, then the head.
+  * Block: ``x = x + DropPath(ls1 * mixer(norm1(x)))``;
+    ``x = x + DropPath(ls2 * ffn(norm2(x)))``; layer-scale vectors ``ls1``/``ls2`` are
+    per-channel and initialised to 1e-5 (PoolFormer's ``layer_scale_init_value``).
+  * Hybrid mixer branches: six parameter-free poolings, average and max at 3x3, 5x5 and
+    7x7, stride 1, 'same' padding (k // 2). Average pooling excludes the padding from the
+    divisor (PoolFormer's ``count_include_pad=False``); max pooling pads with -inf
+    (PyTorch's ``MaxPool2d``).
+  * Branch combination: the MEAN of the six pooled maps minus the input (PoolFormer's
+    ``pool(x) - x``, which removes the identity already carried by the residual), then ONE
+    d->d 1x1 conv with bias (``token_mixer.proj``):
+    ``mixer(x) = proj(mean_b(pool_b(x)) - x)``.
+  * PCS-FFN: 1x1 group conv d->4d with 2 groups (bias) -> channel shuffle with 2 groups
+    (ShuffleNet order: channel ``g * (4d/2) + i`` moves to ``i * 2 + g``) -> exact GELU ->
+    1x1 group conv 4d->d with 2 groups (bias). The shuffle sits between the first group
+    conv and the GELU; GELU is elementwise, so placing the shuffle after it gives the
+    same function.
+  * Dropout: ``dropout_rate`` is applied to the pooled features before the head (timm
+    MetaFormer's ``drop_rate``); the FFN has no dropout.
+  * Initialisation: the head Linear trunc_normal(0.02), bias 0 (PoolFormer); convs use
+    PyTorch's default kaiming-uniform(a=sqrt(5)) variance (uniform, var 1/(3 fan_in)),
+    biases 0.
+
+The published figures are printed to two significant digits; these counts match them at
+that precision (14.32M prints as 14M, 1.22G as 1.2G), which is as close as they can be
+checked. A 1% tolerance against the printed numbers holds for S params (0.2%) and L MACs
+(0.2%) only: M params are 2.3% above "14M", L params 1.3% above "20M", S MACs 1.6%
+above "1.2G", M MACs 0.3% above "2.2G".
+
+The per-block parameter count is ``5 d^2 + 12 d`` (mixer proj d^2 + d, fc1 2d^2 + 4d,
+fc2 2d^2 + d, two norms 4d, two layer scales 2d) and its MACs ``5 d^2 H W``; the poolings
+add no parameters and no multiply-accumulates.
+
+PyTorch layout (for :func:`convert_torch_state_dict`; what a PoolFormer-style PyTorch
+TFormer has, ``network`` being PoolFormer's ModuleList with stages at even and
+downsamplers at odd indices)::
+
+  patch_embed.proj.{weight (64,3,7,7), bias}
+  network.{0,2,4,6}.{j}.norm1.{weight, bias}                   GroupNorm(1, d)
+  network.{0,2,4,6}.{j}.token_mixer.proj.{weight (d,d,1,1), bias}
+  network.{0,2,4,6}.{j}.norm2.{weight, bias}
+  network.{0,2,4,6}.{j}.mlp.fc1.{weight (4d,d/2,1,1), bias}     Conv2d(groups=2)
+  network.{0,2,4,6}.{j}.mlp.fc2.{weight (d,2d,1,1), bias}       Conv2d(groups=2)
+  network.{0,2,4,6}.{j}.layer_scale_1 (d,)   .layer_scale_2 (d,)
+  network.{1,3,5}.proj.{weight (d_out,d_in,3,3), bias}
+  norm.{weight, bias}                                           GroupNorm(1, 512)
+  head.{weight (num_classes,512), bias}
+
+The Flax tree mirrors it with ``network.K.J`` -> ``network_K_J``, ``network.K`` ->
+``network_K``, conv weights OIHW -> HWIO, Linear weight -> its transpose, GroupNorm
+``weight`` -> ``scale``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_edge.models import layers
+from vit_edge.models import registry
+
+Dtype = Any
+
+STRIDE = 32
+_REFERENCE = ("TFormer (Lu et al., IEEE TPDS 2023, arXiv 2302.07734); reconstruction, "
+              "no public code")
+
+# PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def avg_pool_same(x: jax.Array, kernel: int) -> jax.Array:
+  """Stride-1 'same' average pooling that leaves padding out of the divisor.
+
+  Equals PyTorch ``AvgPool2d(k, 1, k // 2, count_include_pad=False)`` on NHWC input,
+  e.g. ``avg_pool_same(x, 3)[:, 0, 0]`` is the mean of the 2x2 corner ``x[:, :2, :2]``.
+  The divisor depends only on the (static) shape, so it is a numpy constant: the
+  exported graph is one reduce_window sum and one multiply.
+  """
+  pad = kernel // 2
+  padding = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+  summed = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add,
+                                 (1, kernel, kernel, 1), (1, 1, 1, 1), padding)
+  h, w = x.shape[1], x.shape[2]
+
+  def counts(n):
+    idx = np.arange(n)
+    return np.minimum(idx + pad, n - 1) - np.maximum(idx - pad, 0) + 1
+
+  inv = 1.0 / np.outer(counts(h), counts(w)).astype(np.float32)
+  return summed * jnp.asarray(inv[None, :, :, None], dtype=x.dtype)
+
+
+def max_pool_same(x: jax.Array, kernel: int) -> jax.Array:
+  """Stride-1 'same' max pooling padded with -inf (PyTorch ``MaxPool2d(k, 1, k // 2)``).
+
+  Example: ``max_pool_same(x, 5)`` has the shape of ``x``.
+  """
+  pad = kernel // 2
+  return nn.max_pool(x, (kernel, kernel), strides=(1, 1),
+                     padding=((pad, pad), (pad, pad)))
+
+
+def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+  """ShuffleNet channel shuffle on the last (channel) axis of an NHWC map.
+
+  Channel ``g * (C / groups) + i`` moves to position ``i * groups + g``, as PyTorch's
+  ``x.view(N, groups, C // groups, H, W).transpose(1, 2).reshape(N, C, H, W)``.
+  """
+  *lead, c = x.shape
+  x = x.reshape(*lead, groups, c // groups)
+  x = jnp.swapaxes(x, -1, -2)
+  return x.reshape(*lead, c)
+
+
+class HybridMixer(nn.Module):
+  """TFormer's hybrid token mixer (reconstruction): pooling branches + one 1x1 conv.
+
+  ``proj(mean_b(pool_b(x)) - x)`` over average and max pooling at each kernel size.
+
+  Attributes:
+    kernel_sizes: pooling window sizes; every size gets an average and a max branch.
+    dtype: compute dtype.
+  """
+
+  kernel_sizes: Sequence[int] = (3, 5, 7)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    branches = []
+    for k in self.kernel_sizes:
+      branches.append(avg_pool_same(x, k))
+      branches.append(max_pool_same(x, k))
+    pooled = sum(branches[1:], branches[0]) * (1.0 / len(branches))
+    # Subtracting x as PoolFormer does: the residual already carries the identity.
+    mixed = pooled - x
+    return nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, kernel_init=torch_conv_init,
+                   name="proj")(mixed)
+
+
+class PCSFFN(nn.Module):
+  """Partially connected FFN with channel shuffle (reconstruction).
+
+  1x1 group conv d -> ratio*d, channel shuffle, GELU, 1x1 group conv ratio*d -> d.
+
+  Attributes:
+    mlp_ratio: hidden expansion.
+    groups: group count of both 1x1 convs and of the shuffle.
+    dtype: compute dtype.
+  """
+
+  mlp_ratio: int = 4
+  groups: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dim = x.shape[-1]
+    conv = functools.partial(nn.Conv, kernel_size=(1, 1),
+                             feature_group_count=self.groups, dtype=self.dtype,
+                             kernel_init=torch_conv_init)
+    x = conv(dim * self.mlp_ratio, name="fc1")(x)
+    # Without the shuffle each half of the output would only ever see its own half of
+    # the input; the shuffle lets fc2's groups mix information from both fc1 groups.
+    x = channel_shuffle(x, self.groups)
+    x = layers.gelu(x)
+    return conv(dim, name="fc2")(x)
+
+
+def group_norm(dtype: Dtype, name: str) -> nn.GroupNorm:
+  """GroupNorm with one group and PyTorch's epsilon (PoolFormer's ``GroupNorm``)."""
+  # Two-pass variance as PyTorch computes it; E[x^2] - E[x]^2 loses precision.
+  return nn.GroupNorm(num_groups=1, epsilon=1e-5, dtype=dtype,
+                      use_fast_variance=False, name=name)
+
+
+class TFormerBlock(nn.Module):
+  """Pre-norm MetaFormer block: hybrid mixer and PCS-FFN, each layer-scaled.
+
+  Attributes:
+    drop_path: stochastic-depth rate of this block.
+    mlp_ratio: PCS-FFN expansion.
+    groups: PCS-FFN group count.
+    layer_scale_init: initial value of both layer-scale vectors.
+    dtype: compute dtype.
+  """
+
+  drop_path: float = 0.0
+  mlp_ratio: int = 4
+  groups: int = 2
+  layer_scale_init: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    dim = x.shape[-1]
+    ls_init = nn.initializers.constant(self.layer_scale_init)
+    ls1 = self.param("layer_scale_1", ls_init, (dim,), jnp.float32)
+    ls2 = self.param("layer_scale_2", ls_init, (dim,), jnp.float32)
+    drop = layers.DropPath(self.drop_path)
+
+    y = group_norm(self.dtype, "norm1")(x)
+    y = HybridMixer(dtype=self.dtype, name="token_mixer")(y)
+    x = x + drop(ls1.astype(y.dtype) * y, deterministic=not train)
+    y = group_norm(self.dtype, "norm2")(x)
+    y = PCSFFN(self.mlp_ratio, self.groups, dtype=self.dtype, name="mlp")(y)
+    return x + drop(ls2.astype(y.dtype) * y, deterministic=not train)
+
+
+class PatchEmbed(nn.Module):
+  """A strided conv with bias and no norm (PoolFormer's ``PatchEmbed`` with ``proj``).
+
+  Attributes:
+    features: output channels.
+    kernel: square kernel size.
+    stride: conv stride.
+    padding: symmetric zero padding.
+    dtype: compute dtype.
+  """
+
+  features: int
+  kernel: int
+  stride: int
+  padding: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pad = ((self.padding, self.padding),) * 2
+    return nn.Conv(self.features, (self.kernel, self.kernel),
+                   strides=(self.stride, self.stride), padding=pad, dtype=self.dtype,
+                   kernel_init=torch_conv_init, name="proj")(x)
+
+
+class TFormer(nn.Module):
+  """TFormer image classifier (reconstruction; see the module docstring).
+
+  Example::
+
+      model = TFormer(depths=(2, 2, 6, 2), num_classes=10)   # = tformer_s(num_classes=10)
+      variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+      logits, aux = model.apply(variables, images)  # aux["stage3"]: (N, 14, 14, 320)
+
+  Attributes:
+    depths: blocks per stage.
+    widths: channels per stage.
+    mlp_ratio: PCS-FFN expansion.
+    ffn_groups: PCS-FFN group count.
+    layer_scale_init: initial layer-scale value.
+    num_classes: head size (0 = no head; logits are the pooled features).
+    drop_path_rate: stochastic depth, rising linearly over all blocks to this value.
+    dropout_rate: dropout on the pooled features before the head.
+    dtype: compute dtype (parameters stay float32).
+  """
+
+  depths: Sequence[int] = (2, 2, 6, 2)
+  widths: Sequence[int] = (64, 128, 320, 512)
+  mlp_ratio: int = 4
+  ffn_groups: int = 2
+  layer_scale_init: float = 1e-5
+  num_classes: int = 1000
+  drop_path_rate: float = 0.0
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False):
+    layers.check_divisible_resolution(x, STRIDE, "tformer")
+    aux = {}
+    x = x.astype(self.dtype)
+    x = PatchEmbed(self.widths[0], 7, 4, 2, dtype=self.dtype, name="patch_embed")(x)
+    aux["stem"] = x
+
+    rates = layers.drop_path_rates(self.drop_path_rate, self.depths)
+    for i, (depth, width) in enumerate(zip(self.depths, self.widths)):
+      if i > 0:
+        # PoolFormer's network list: stage i sits at index 2i, its downsampler at 2i-1.
+        x = PatchEmbed(width, 3, 2, 1, dtype=self.dtype, name=f"network_{2 * i - 1}")(x)
+      for j in range(depth):
+        x = TFormerBlock(drop_path=rates[i][j], mlp_ratio=self.mlp_ratio,
+                         groups=self.ffn_groups, layer_scale_init=self.layer_scale_init,
+                         dtype=self.dtype, name=f"network_{2 * i}_{j}")(x, train)
+      aux[f"stage{i + 1}"] = x
+
+    x = group_norm(self.dtype, "norm")(x)
+    x = jnp.mean(x, axis=(1, 2))
+    aux["pre_logits"] = x
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    return layers.classifier_head(x, self.num_classes, self.dtype), aux
+
+
+def _torch_to_flax_name(name: str) -> tuple[str, ...]:
+  """Maps one PyTorch parameter name to its Flax param path (see module docstring)."""
+  parts = name.split(".")
+  if parts[0] == "patch_embed":              # patch_embed.proj.weight
+    return ("patch_embed", "proj", _leaf(parts[-1], conv=True))
+  if parts[0] == "network" and parts[2] == "proj":   # network.1.proj.weight
+    return (f"network_{parts[1]}", "proj", _leaf(parts[-1], conv=True))
+  if parts[0] == "network":                  # network.K.J.<...>
+    block = f"network_{parts[1]}_{parts[2]}"
+    rest = parts[3:]
+    if len(rest) == 1:                       # layer_scale_1 / layer_scale_2
+      return (block, rest[0])
+    if rest[0] in ("norm1", "norm2"):
+      return (block, rest[0], _leaf(rest[-1], conv=False))
+    return (block, *rest[:-1], _leaf(rest[-1], conv=True))
+  if parts[0] == "norm":
+    return ("norm", _leaf(parts[-1], conv=False))
+  if parts[0] == "head":
+    return ("head", _leaf(parts[-1], conv=True))
+  raise KeyError(f"Unexpected TFormer PyTorch parameter {name!r}.")
+
+
+def _leaf(torch_leaf: str, conv: bool) -> str:
+  if torch_leaf == "bias":
+    return "bias"
+  return "kernel" if conv else "scale"
+
+
+def _to_flax_array(value: np.ndarray) -> np.ndarray:
+  value = np.asarray(value, dtype=np.float32)
+  if value.ndim == 4:                        # conv OIHW -> HWIO
+    return value.transpose(2, 3, 1, 0)
+  if value.ndim == 2:                        # Linear (out, in) -> Dense (in, out)
+    return value.T
+  return value
+
+
+def convert_torch_state_dict(state_dict: Mapping[str, np.ndarray],
+                             model: TFormer) -> dict[str, Any]:
+  """Converts a PoolFormer-style PyTorch TFormer state_dict to Flax variables.
+
+  There is no reference implementation: the expected names are the layout documented
+  in the module docstring (``patch_embed.proj``, ``network.K.J.token_mixer.proj``,
+  ``network.K.J.mlp.fc1``, ``network.K.J.layer_scale_1``, ``norm``, ``head``, ...).
+
+  Example::
+
+      sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+      variables = convert_torch_state_dict(sd, create_model("tformer_s"))
+
+  Args:
+    state_dict: parameter name -> numpy array (torch tensors converted with .numpy()).
+    model: the TFormer module the weights are for (used to check every shape).
+
+  Returns:
+    ``{'params': ...}`` matching ``model.init``'s tree (TFormer has no batch stats).
+
+  Raises:
+    KeyError: a name outside the layout, or a Flax parameter left without a tensor.
+    ValueError: a tensor whose shape does not fit the model.
+  """
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, STRIDE, STRIDE, 3))))
+  expected = {tuple(k.key for k in path): leaf.shape
+              for path, leaf in jax.tree_util.tree_flatten_with_path(
+                  abstract["params"])[0]}
+  params: dict[str, Any] = {}
+  seen = set()
+  for name, value in state_dict.items():
+    if name.endswith("num_batches_tracked"):
+      continue
+    path = _torch_to_flax_name(name)
+    array = _to_flax_array(value)
+    if path not in expected:
+      raise KeyError(f"PyTorch tensor {name!r} maps to {'/'.join(path)}, which the "
+                     "model does not have (wrong depths or num_classes?).")
+    if array.shape != tuple(expected[path]):
+      raise ValueError(f"PyTorch tensor {name!r} has shape {np.shape(value)}; "
+                       f"{'/'.join(path)} expects {tuple(expected[path])} after "
+                       "transposition.")
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = array
+    seen.add(path)
+  missing = sorted("/".join(p) for p in set(expected) - seen)
+  if missing:
+    raise KeyError(f"State dict has no tensor for {len(missing)} Flax params, e.g. "
+                   f"{missing[:5]}.")
+  return {"params": params}
+
+
+def _factory(depths: Sequence[int], kwargs: dict[str, Any]) -> TFormer:
+  kwargs.setdefault("depths", tuple(depths))  # Overridable, e.g. for tiny tests.
+  return TFormer(**kwargs)
+
+
+@registry.register_model(family="tformer", image_size=224, stride=STRIDE, top1=76.1,
+                         reference=_REFERENCE, mean=registry.IMAGENET_MEAN,
+                         std=registry.IMAGENET_STD)
+def tformer_s(**kwargs) -> TFormer:
+  """TFormer-S (reconstruction): depths 2,2,6,2; 8,379,560 params, 1.22 GMACs."""
+  return _factory((2, 2, 6, 2), kwargs)
+
+
+@registry.register_model(family="tformer", image_size=224, stride=STRIDE, top1=79.7,
+                         reference=_REFERENCE, mean=registry.IMAGENET_MEAN,
+                         std=registry.IMAGENET_STD)
+def tformer_m(**kwargs) -> TFormer:
+  """TFormer-M (reconstruction): depths 4,4,12,4; 14,317,736 params, 2.21 GMACs."""
+  return _factory((4, 4, 12, 4), kwargs)
+
+
+@registry.register_model(family="tformer", image_size=224, stride=STRIDE, top1=80.6,
+                         reference=_REFERENCE, mean=registry.IMAGENET_MEAN,
+                         std=registry.IMAGENET_STD)
+def tformer_l(**kwargs) -> TFormer:
+  """TFormer-L (reconstruction): depths 6,6,18,6; 20,255,912 params, 3.20 GMACs."""
+  return _factory((6, 6, 18, 6), kwargs)

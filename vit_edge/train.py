@@ -1,0 +1,346 @@
+"""The training and evaluation loop: pure, jitted, sharded steps over a dict state.
+
+``train_and_evaluate(config, workdir)`` trains `config.model` on `config.dataset`,
+evaluates top-1/top-5 (raw and EMA parameters), writes TensorBoard scalars, and
+checkpoints with Orbax into ``workdir/checkpoints`` (last N plus the best), resuming
+automatically from the newest checkpoint there. ``evaluate(config, workdir)`` scores
+a saved checkpoint.
+
+The train state is a plain dict pytree::
+
+    {"step": int32, "params": ..., "batch_stats": ..., "opt_state": ...,
+     "ema_params": ...}
+
+Example::
+
+    from configs import tformer_s
+    train_and_evaluate(tformer_s.get_config(), "/tmp/tformer_s")
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Iterator
+
+from absl import logging
+from clu import metric_writers
+from clu import metrics as clu_metrics
+from clu import parameter_overview
+from clu import periodic_actions
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vit_edge import augment
+from vit_edge import checkpointing
+from vit_edge import input_pipeline
+from vit_edge import models
+from vit_edge import optimizer
+from vit_edge import sharding
+
+State = dict[str, Any]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  # (No `from __future__ import annotations` in this file: clu reads these
+  # annotations as classes.)
+  loss: clu_metrics.Average.from_output("loss")
+  accuracy: clu_metrics.Average.from_output("accuracy")
+  grad_norm: clu_metrics.Average.from_output("grad_norm")
+  learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+
+
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+  top1: clu_metrics.Average.from_output("top1")
+  top5: clu_metrics.Average.from_output("top5")
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """The registry model named by config.model, with the config's overrides."""
+  if config.dtype not in _DTYPES:
+    raise ValueError(f"config.dtype={config.dtype!r}; expected one of {list(_DTYPES)}.")
+  info = models.get_model_info(config.model)
+  overrides = dict(config.get("model_overrides", {}))
+  if info.fixed_resolution:
+    overrides.setdefault("image_size", config.image_size)
+  elif config.image_size % info.stride:
+    raise ValueError(
+        f"config.image_size={config.image_size} is not divisible by the total stride "
+        f"{info.stride} of {config.model}; use a multiple of {info.stride}.")
+  return models.create_model(config.model, num_classes=num_classes,
+                             dtype=_DTYPES[config.dtype], **overrides)
+
+
+def _variables(state: State, params: Any) -> dict[str, Any]:
+  variables = {"params": params}
+  if state["batch_stats"]:
+    variables["batch_stats"] = state["batch_stats"]
+  return variables
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """1.0 where the true class is among the k highest logits (no sort: a rank count)."""
+  true_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  rank = jnp.sum(logits > true_logit, axis=-1)
+  return (rank < k).astype(jnp.float32)
+
+
+def train_step(state: State, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               config: ml_collections.ConfigDict, num_classes: int):
+  """One optimisation step; a pure function of (state, batch). Returns (state, metrics)."""
+  rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+  mix_rng, dropout_rng = jax.random.split(rng)
+  aug = config.aug
+  images, targets = augment.mixup_cutmix(
+      mix_rng, batch["image"], batch["label"], num_classes,
+      mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha,
+      mixup_prob=aug.mixup_prob, mixup_switch_prob=aug.mixup_switch_prob,
+      label_smoothing=config.label_smoothing)
+
+  def loss_fn(params):
+    mutable = ["batch_stats"] if state["batch_stats"] else []
+    (logits, _), updates = model.apply(
+        _variables(state, params), images, train=True,
+        rngs={"dropout": dropout_rng}, mutable=mutable)
+    logits = logits.astype(jnp.float32)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    return loss, (logits, updates.get("batch_stats", state["batch_stats"]))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
+                   batch_stats=batch_stats)
+  if config.ema_decay > 0:
+    new_state["ema_params"] = optimizer.ema_update(
+        state["ema_params"], params, config.ema_decay)
+  metrics = TrainMetrics.single_from_model_output(
+      loss=loss,
+      accuracy=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
+      grad_norm=optimizer.global_norm(grads),
+      learning_rate=schedule(state["step"]))
+  return new_state, metrics
+
+
+def eval_step(state: State, batch: dict[str, jax.Array], *, model: nn.Module,
+              use_ema: bool) -> EvalMetrics:
+  """Masked loss / top-1 / top-5 of one batch (padding rows have mask 0)."""
+  params = state["ema_params"] if use_ema else state["params"]
+  logits, _ = model.apply(_variables(state, params), batch["image"], train=False)
+  logits = logits.astype(jnp.float32)
+  labels = batch["label"]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  mask = batch["mask"]
+  return EvalMetrics.single_from_model_output(
+      loss=loss, top1=topk_correct(logits, labels, 1),
+      top5=topk_correct(logits, labels, min(5, logits.shape[-1])), mask=mask)
+
+
+def create_state(rng: jax.Array, *, model: nn.Module, tx, image_size: int,
+                 ema: bool) -> State:
+  """A fresh train state (used under jit with out_shardings: params born sharded)."""
+  variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+  params = variables["params"]
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "batch_stats": variables.get("batch_stats", {}),
+      "opt_state": tx.init(params),
+      "ema_params": jax.tree_util.tree_map(jnp.copy, params) if ema else {},
+  }
+
+
+class _Trainer:
+  """Everything derived from (config, workdir) that the loop and `evaluate` share."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = sharding.create_mesh(config.mesh)
+    self.local_batch = sharding.check_batch_size(config.batch_size, self.mesh)
+    self.local_eval_batch = sharding.check_batch_size(
+        config.eval_batch_size, self.mesh, "config.eval_batch_size")
+    self.ds_info = input_pipeline.get_info(config)
+    self.model_info = models.get_model_info(config.model)
+    self.model = build_model(config, self.ds_info.num_classes)
+    steps_per_epoch = max(1, self.ds_info.num_train_examples // config.batch_size)
+    self.num_train_steps = (config.num_train_steps if config.num_train_steps > 0
+                            else int(math.ceil(config.num_epochs * steps_per_epoch)))
+    optim = ml_collections.ConfigDict(config.optim)
+    if optim.get("warmup_epochs", 0) and not optim.get("warmup_steps", 0):
+      optim.warmup_steps = int(optim.warmup_epochs * steps_per_epoch)
+    self.tx, self.schedule = optimizer.create_optimizer(optim, self.num_train_steps)
+
+    init = functools.partial(create_state, model=self.model, tx=self.tx,
+                             image_size=config.image_size, ema=config.ema_decay > 0)
+    rng = jax.random.key(config.seed)
+    self.abstract_state = jax.eval_shape(init, rng)
+    self.state_shardings = sharding.param_shardings(self.abstract_state, self.mesh)
+    self._init = jax.jit(init, out_shardings=self.state_shardings)
+    self._rng = rng
+    # Built once: each iteration is a fresh pass over the (cached) eval split.
+    self.eval_batches = input_pipeline.create_eval_iterator(
+        config, mean=self.model_info.mean, std=self.model_info.std,
+        local_batch_size=self.local_eval_batch,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    self.checkpoints = checkpointing.CheckpointManager(
+        os.path.join(workdir, "checkpoints"), config.checkpoint)
+
+    replicated = sharding.replicated(self.mesh)
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    self.train_step = jax.jit(
+        functools.partial(train_step, model=self.model, tx=self.tx,
+                          schedule=self.schedule, config=config,
+                          num_classes=self.ds_info.num_classes),
+        in_shardings=(self.state_shardings, batch_sharding),
+        out_shardings=(self.state_shardings, replicated),
+        donate_argnums=0)
+    self.eval_steps = {
+        use_ema: jax.jit(
+            functools.partial(eval_step, model=self.model, use_ema=use_ema),
+            in_shardings=(self.state_shardings, batch_sharding),
+            out_shardings=replicated)
+        for use_ema in (False, True)}
+
+  def initial_state(self) -> State:
+    """The newest checkpoint in the workdir, else config.init_from, else fresh init."""
+    restored = self.checkpoints.restore_latest(self.abstract_state,
+                                               self.state_shardings)
+    if restored is not None:
+      logging.info("Resumed from %s at step %d.", self.checkpoints.directory,
+                   int(restored["step"]))
+      return restored
+    state = self._init(self._rng)
+    if self.config.init_from:
+      state = checkpointing.init_from(
+          state, self.config.init_from, self.state_shardings,
+          grid=self.config.image_size // self.model_info.stride)
+    return state
+
+  def evaluate(self, state: State) -> dict[str, float]:
+    """top1 / top5 / loss on the eval split, raw and (if kept) EMA parameters."""
+    results = {}
+    variants = [("eval", False)] + ([("eval_ema", True)]
+                                    if self.config.ema_decay > 0 else [])
+    for prefix, use_ema in variants:
+      total = None
+      for batch in self.eval_batches:
+        m = self.eval_steps[use_ema](state, sharding.make_global_batch(batch, self.mesh))
+        total = m if total is None else total.merge(m)
+      for k, v in total.compute().items():
+        results[f"{prefix}/{k}"] = float(v)
+    return results
+
+  def write_run_files(self) -> None:
+    """config.json and dataset_info.json: what export and evaluation need later."""
+    if jax.process_index() != 0:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
+    with open(os.path.join(self.workdir, "config.json"), "w") as f:
+      f.write(self.config.to_json_best_effort(indent=2))
+    with open(os.path.join(self.workdir, "dataset_info.json"), "w") as f:
+      json.dump({"name": self.ds_info.name, "num_classes": self.ds_info.num_classes,
+                 "label_names": list(self.ds_info.label_names or []),
+                 "image_size": self.config.image_size,
+                 "mean": list(self.model_info.mean), "std": list(self.model_info.std)},
+                f, indent=2)
+
+
+def _check_finite(metrics: dict[str, float], step: int, workdir: str) -> None:
+  if not np.isfinite(metrics["loss"]):
+    raise FloatingPointError(
+        f"The training loss became {metrics['loss']} at step {step}. The run stopped "
+        f"without saving this state; the last good checkpoint in {workdir}/checkpoints "
+        "is kept. Lower config.optim.lr, enable config.optim.grad_clip_norm or use "
+        "config.dtype='float32'.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains and evaluates; resumes from workdir/checkpoints. Returns the final metrics."""
+  trainer = _Trainer(config, workdir)
+  trainer.write_run_files()
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  state = trainer.initial_state()
+  start_step = int(state["step"])
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+    parameter_overview.log_parameter_overview(state["params"])
+  logging.info("Training %s for %d steps (start %d), %s devices, mesh %s.",
+               config.model, trainer.num_train_steps, start_step, jax.device_count(),
+               dict(trainer.mesh.shape))
+
+  train_iter: Iterator[dict[str, np.ndarray]] = input_pipeline.create_train_iterator(
+      config, mean=trainer.model_info.mean, std=trainer.model_info.std,
+      local_batch_size=trainer.local_batch, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  report = periodic_actions.ReportProgress(
+      num_train_steps=trainer.num_train_steps, writer=writer)
+  train_metrics, last_log = None, (start_step, time.time())
+  eval_results: dict[str, float] = {}
+  step = start_step
+  with jax.set_mesh(trainer.mesh):
+    for step in range(start_step + 1, trainer.num_train_steps + 1):
+      batch = sharding.make_global_batch(next(train_iter), trainer.mesh)
+      state, m = trainer.train_step(state, batch)
+      train_metrics = m if train_metrics is None else train_metrics.merge(m)
+      report(step)
+      is_last = step == trainer.num_train_steps
+      log_now = step % config.log_every_steps == 0 or is_last
+      eval_now = step % config.eval_every_steps == 0 or is_last
+      save_now = step % config.checkpoint.every_steps == 0 or is_last
+      if log_now or save_now:
+        scalars = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
+        _check_finite({"loss": scalars["train/loss"]}, step, workdir)
+        now = time.time()
+        scalars["train/images_per_sec"] = (
+            (step - last_log[0]) * config.batch_size / max(now - last_log[1], 1e-9))
+        writer.write_scalars(step, scalars)
+        train_metrics, last_log = None, (step, now)
+      if eval_now:
+        eval_results = trainer.evaluate(state)
+        writer.write_scalars(step, eval_results)
+        logging.info("step %d: %s", step, eval_results)
+      if save_now:
+        trainer.checkpoints.save(step, state, eval_results if eval_now else None)
+  trainer.checkpoints.wait()
+  writer.flush()
+  final = dict(eval_results, step=step)
+  logging.info("Finished at step %d: %s", step, final)
+  return final
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             step: int | None = None) -> dict[str, float]:
+  """Evaluates the checkpoint of `step` (newest when None) in workdir/checkpoints."""
+  trainer = _Trainer(config, workdir)
+  state = trainer.checkpoints.restore(trainer.abstract_state, trainer.state_shardings,
+                                      step=step)
+  with jax.set_mesh(trainer.mesh):
+    results = trainer.evaluate(state)
+  results["step"] = int(state["step"])
+  return results
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out
