@@ -3,15 +3,19 @@
 import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from vit_edge import checkpointing
 from vit_edge import input_pipeline
 from vit_edge import train
 
@@ -61,28 +65,73 @@ def test_train_mock_tfds_one_step(tmp_path, write_tfds_metadata):
   assert results["step"] == 1 and np.isfinite(results["eval/loss"])
 
 
-def test_resume_after_crash_matches_uninterrupted(tmp_path, monkeypatch):
-  config = _config(num_train_steps=6)
-  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+def _run_main(workdir, *extra, **popen_kwargs):
+  return subprocess.Popen(_main_cmd(workdir, *extra), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=REPO, **popen_kwargs)
 
-  real_iterator = input_pipeline.create_train_iterator
 
-  def crash_after_four(*args, **kwargs):
-    it = real_iterator(*args, **kwargs)
-    for i, batch in enumerate(it):
-      if kwargs.get("start_step", 0) == 0 and i == 4:
-        raise KeyboardInterrupt("simulated kill after step 4")
-      yield batch
+def test_sigkill_and_restart_matches_uninterrupted(tmp_path):
+  steps = ["--config.num_train_steps=8", "--config.eval_every_steps=8"]
+  straight = _run_main(tmp_path / "straight", *steps)
+  out, err = straight.communicate(timeout=600)
+  assert straight.returncode == 0, err[-3000:]
+  expected = json.loads(out.strip().splitlines()[-1])
 
-  monkeypatch.setattr(input_pipeline, "create_train_iterator", crash_after_four)
-  crashed = str(tmp_path / "crashed")
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, crashed)
-  assert sorted(os.listdir(os.path.join(crashed, "checkpoints"))) == ["2", "4"]
-  resumed = train.train_and_evaluate(config, crashed)
-  assert resumed["step"] == 6
+  killed_dir = tmp_path / "killed"
+  victim = _run_main(killed_dir, *steps)
+  deadline = time.time() + 600
+  while not (killed_dir / "checkpoints" / "4").is_dir():
+    assert victim.poll() is None, "the run ended before it could be killed"
+    assert time.time() < deadline
+    time.sleep(0.05)
+  victim.send_signal(signal.SIGKILL)
+  victim.communicate()
+  saved = sorted(int(d) for d in os.listdir(killed_dir / "checkpoints") if d.isdigit())
+  assert 4 in saved and 8 not in saved, saved
+
+  resumed = _run_main(killed_dir, *steps)
+  out, err = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, err[-3000:]
+  assert "Resumed from" in err
+  final = json.loads(out.strip().splitlines()[-1])
+  assert final["step"] == 8
   for key in ("eval/loss", "eval/top1"):
-    assert resumed[key] == pytest.approx(straight[key], rel=1e-5, abs=1e-6)
+    assert final[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6)
+
+
+def _write_image_folder(root, num_classes=3, per_class=4, size=16):
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for c in range(num_classes):
+      os.makedirs(root / split / f"class_{c}")
+      for i in range(per_class):
+        pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / split / f"class_{c}" / f"{i}.png")
+
+
+def test_init_from_resizes_pos_embed_and_reinitialises_head(tmp_path):
+  pretrained = tmp_path / "pretrained"
+  vit = dict(arg="model=deit_tiny_patch16", num_train_steps=2, eval_every_steps=2)
+  train.train_and_evaluate(_config(**vit), str(pretrained))
+
+  folder = tmp_path / "folder"
+  _write_image_folder(folder)
+  config = _config(dataset="imagefolder", data_dir=str(folder), image_size=48,
+                   batch_size=8, init_from=str(pretrained), **vit)
+  trainer = train._Trainer(config, str(tmp_path / "finetune"))  # pylint: disable=protected-access
+  state = trainer.initial_state()
+  old = checkpointing.load_params(str(pretrained))
+  new = state["params"]
+  np.testing.assert_array_equal(np.asarray(new["blocks_0"]["attn"]["qkv"]["kernel"]),
+                                old["blocks_0"]["attn"]["qkv"]["kernel"])
+  assert old["pos_embed"].shape == (1, 1 + 4, 32)
+  assert new["pos_embed"].shape == (1, 1 + 9, 32)
+  np.testing.assert_array_equal(np.asarray(new["pos_embed"][:, 0]),
+                                old["pos_embed"][:, 0])  # Class token's entry kept.
+  assert new["head"]["kernel"].shape == (32, 3)
+  # Fine-tuning runs on the 3-class folder at the new resolution.
+  results = train.train_and_evaluate(config, str(tmp_path / "finetune"))
+  assert results["step"] == 2
 
 
 def _one_step(num_devices, fsdp=1, model="tformer_s"):

@@ -85,24 +85,36 @@ class CheckpointManager:
     return self._manager.restore(step, args=ocp.args.StandardRestore(target))
 
 
-def load_params(path: str) -> dict[str, Any]:
-  """The raw (numpy) params of a checkpoint: a workdir, its checkpoints dir or a step dir."""
+def load_state(path: str, step: Optional[int] = None) -> dict[str, Any]:
+  """The raw (host numpy) train state of a checkpoint, with no target tree.
+
+  Args:
+    path: a workdir, its checkpoints/ directory, or a checkpoints/<step> directory.
+    step: which step when `path` holds several (newest when None).
+  """
   path = os.path.abspath(path)
-  candidates = [path, os.path.join(path, "checkpoints")]
-  for candidate in candidates:
+  for candidate in (path, os.path.join(path, "checkpoints")):
     if not os.path.isdir(candidate):
       continue
-    steps = [int(d) for d in os.listdir(candidate) if re.fullmatch(r"\d+", d)]
+    steps = sorted(int(d) for d in os.listdir(candidate) if re.fullmatch(r"\d+", d))
     if steps:
-      path = os.path.join(candidate, str(max(steps)))
+      if step is not None and step not in steps:
+        raise FileNotFoundError(f"No checkpoint for step {step} in {candidate}; "
+                                f"available steps: {steps}.")
+      path = os.path.join(candidate, str(step if step is not None else steps[-1]))
       break
   item = os.path.join(path, "default")
   if not os.path.isdir(item):
     raise FileNotFoundError(
-        f"init_from={path!r} holds no Orbax checkpoint (expected a workdir, its "
-        "checkpoints/ directory, or a checkpoints/<step> directory).")
-  restored = ocp.StandardCheckpointer().restore(item)
-  return restored["params"]
+        f"{path!r} holds no Orbax checkpoint (expected a workdir, its checkpoints/ "
+        "directory, or a checkpoints/<step> directory). Train first with "
+        "python -m vit_edge.main --config=... --workdir=...")
+  return ocp.StandardCheckpointer().restore(item)
+
+
+def load_params(path: str) -> dict[str, Any]:
+  """The raw params of the newest checkpoint under `path` (see load_state)."""
+  return load_state(path)["params"]
 
 
 def init_from(state: Any, path: str, shardings: Any, grid: int) -> Any:

@@ -26,7 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import core as jax_core
+from jax.extend import core as jax_core
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +96,9 @@ def model_complexity(model: nn.Module, image_size: int, batch_size: int = 1,
   if isinstance(cost, (list, tuple)):  # Older JAX returned one dict per device.
     cost = cost[0]
   logits, aux = jax.eval_shape(forward, variables, x)
-  aux_shapes = {k: tuple(v.shape) for k, v in aux.items() if hasattr(v, "shape")}
+  # Network order: stem, stage1..N, then the rest (pre_logits, tokens, ...).
+  order = lambda k: (k != "stem", not k.startswith("stage"), k)
+  aux_shapes = {k: tuple(aux[k].shape) for k in sorted(aux, key=order)
+                if hasattr(aux[k], "shape")}
   return Complexity(params=params, macs=macs, xla_flops=float(cost.get("flops", 0.0)),
                     aux_shapes=aux_shapes, logits_shape=tuple(logits.shape))

@@ -69,7 +69,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.aug.interpolation = "bilinear"
   c.label_smoothing = 0.0
 
-  c.num_epochs = 30.0
+  c.num_epochs = 8.0
   c.num_train_steps = -1  # > 0 overrides num_epochs.
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
@@ -99,7 +99,7 @@ def _offline_defaults(c: ml_collections.ConfigDict, family: str) -> None:
   elif family in ("deit", "vit"):
     c.image_size = 32  # 2x2 patches of 16 pixels: each patch sees a quarter digit.
     c.optim.lr = 5e-4
-    c.num_epochs = 40.0
+    c.num_epochs = 15.0
   else:
     c.image_size = 32
 

@@ -335,6 +335,35 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
+def load_trained_model(workdir: str, step: int | None = None, use_ema: bool = True):
+  """A trained model for inference: (model, variables, config, dataset_info).
+
+  Reads workdir/config.json and workdir/dataset_info.json written by training and
+  the checkpoint of `step` (newest when None). With `use_ema` and an EMA in the
+  checkpoint, the EMA parameters are returned. Example::
+
+      model, variables, config, info = load_trained_model("workdir/tformer_s")
+      logits, _ = model.apply(variables, images, train=False)
+  """
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(
+        f"{config_path} does not exist: --workdir={workdir!r} is not a training run "
+        "directory. Train first: python -m vit_edge.main --config=configs/<model>.py "
+        f"--workdir={workdir}")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with open(os.path.join(workdir, "dataset_info.json")) as f:
+    dataset_info = json.load(f)
+  model = build_model(config, dataset_info["num_classes"])
+  state = checkpointing.load_state(workdir, step)
+  params = state["ema_params"] if use_ema and state.get("ema_params") else state["params"]
+  variables = {"params": params}
+  if state.get("batch_stats"):
+    variables["batch_stats"] = state["batch_stats"]
+  return model, variables, config, dataset_info
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   out = {}
   for k, v in d.items():

@@ -1,0 +1,106 @@
+"""Training benchmarks that print Markdown tables (nothing here is run by the tests).
+
+Accuracy of the default (offline digits) configs, each trained from scratch in a
+fresh workdir, one subprocess per model::
+
+    python -m vit_edge.tools.bench_train --mode=accuracy \
+        --models=tformer_s,edgevit_xxs,mobilevitv2_050,deit_tiny_patch16
+
+Training throughput (images/s) at batch 32 and resolution 224, on whatever
+accelerator JAX sees (CPU here)::
+
+    python -m vit_edge.tools.bench_train --mode=throughput --models=tformer_s
+
+Throughput is timed over --steps steps after one compile+warm-up step, with random
+data already on the device (so it measures the model and optimizer, not tf.data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+_MODE = flags.DEFINE_enum("mode", "accuracy", ["accuracy", "throughput"], "What to measure.")
+_MODELS = flags.DEFINE_list("models", ["tformer_s"], "Registered model names.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per model (throughput).")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size (throughput).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Resolution (throughput).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Parent of the per-model workdirs "
+                               "(accuracy); a temporary directory by default.")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def accuracy_row(name: str, parent: str) -> str:
+  """Trains configs/<name>.py with its defaults in a subprocess; one table row."""
+  workdir = os.path.join(parent, name)
+  cmd = [sys.executable, "-m", "vit_edge.main",
+         f"--config={os.path.join(REPO, 'configs', name + '.py')}",
+         f"--workdir={workdir}"]
+  start = time.time()
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+  wall = time.time() - start
+  if proc.returncode != 0:
+    return f"| {name} | failed | {wall:.0f} | {proc.stderr.strip().splitlines()[-1]} |"
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  top1 = results.get("eval_ema/top1", results["eval/top1"])
+  return f"| {name} | {results['step']} | {wall / 60:.1f} | {100 * top1:.2f} |"
+
+
+def throughput_row(name: str) -> str:
+  """Images/s of the jitted train step of `name` (DeiT recipe optimizer, float32)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vit_edge import recipes  # pylint: disable=g-import-not-at-top
+  from vit_edge import train  # pylint: disable=g-import-not-at-top
+
+  config = recipes.get_config(name)
+  with config.unlocked():
+    config.image_size, config.batch_size = _IMAGE_SIZE.value, _BATCH.value
+    config.eval_batch_size = _BATCH.value
+    config.num_train_steps = _STEPS.value + 1
+  trainer = train._Trainer(config, tempfile.mkdtemp())  # pylint: disable=protected-access
+  state = trainer._init(trainer._rng)  # pylint: disable=protected-access
+  rng = np.random.default_rng(0)
+  from vit_edge import sharding  # pylint: disable=g-import-not-at-top
+  batch = sharding.make_global_batch({
+      "image": rng.normal(size=(_BATCH.value, _IMAGE_SIZE.value, _IMAGE_SIZE.value, 3)
+                          ).astype(np.float32),
+      "label": rng.integers(0, 10, size=(_BATCH.value,)).astype(np.int32)}, trainer.mesh)
+  with jax.set_mesh(trainer.mesh):
+    state, metrics = trainer.train_step(state, batch)  # Compile + warm-up.
+    jax.block_until_ready(metrics)
+    start = time.time()
+    for _ in range(_STEPS.value):
+      state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics)
+  seconds = (time.time() - start) / _STEPS.value
+  device = jax.devices()[0].device_kind
+  return (f"| {name} | {device} | {_BATCH.value} | {_IMAGE_SIZE.value} | "
+          f"{seconds:.2f} | {_BATCH.value / seconds:.1f} |")
+
+
+def main(argv):
+  del argv
+  if _MODE.value == "accuracy":
+    parent = _WORKDIR.value or tempfile.mkdtemp(prefix="bench_train_")
+    print("| model | steps | wall time (min) | digits eval top-1 (%) |")
+    print("|---|---:|---:|---:|")
+    for name in _MODELS.value:
+      print(accuracy_row(name, parent), flush=True)
+  else:
+    print("| model | device | batch | resolution | s/step | images/s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in _MODELS.value:
+      print(throughput_row(name), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
