@@ -37,7 +37,6 @@ No pretrained weights were released by the authors.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -54,22 +53,8 @@ Dtype = Any
 PATCH_SIZES = (4, 2, 2, 2)
 TOTAL_STRIDE = 32
 
-# PyTorch's default Conv2d / ConvTranspose2d weight init: kaiming_uniform(a=sqrt(5)),
-# i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)). EdgeViT never re-initialises its convs.
-torch_conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def torch_conv_bias_init(fan_in: int):
-  """PyTorch's default conv bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-
-  Example: ``nn.Conv(8, (3, 3), bias_init=torch_conv_bias_init(27))``.
-  """
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
+torch_conv_kernel_init = layers.torch_conv_kernel_init
+torch_conv_bias_init = layers.torch_conv_bias_init
 
 
 def _conv(features: int, kernel: int, in_features: int, dtype: Dtype, name: str,

@@ -8,6 +8,7 @@ torch Linear weights, Conv kernels are torch's OIHW weights as HWIO.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -18,8 +19,24 @@ Dtype = Any
 
 # timm/DeiT/EdgeViT initialise Linear weights with trunc_normal(std=.02), bias 0.
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
-# PyTorch's default (Kaiming-uniform-like) conv init; fan-out normal as in timm convs.
+# timm's conv init for MobileNet-style nets (kaiming_normal, fan_out).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default Conv2d / ConvTranspose2d weight init, kaiming_uniform(a=sqrt(5)):
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)). For references that never re-initialise convs.
+torch_conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_conv_bias_init(fan_in: int):
+  """PyTorch's default conv bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+  Example: ``nn.Conv(8, (3, 3), bias_init=torch_conv_bias_init(27))``.
+  """
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 # PyTorch nn.GELU() is the exact erf form; Flax defaults to the tanh approximation.
 gelu = functools.partial(nn.gelu, approximate=False)

@@ -103,8 +103,8 @@ STRIDE = 32
 _REFERENCE = ("TFormer (Lu et al., IEEE TPDS 2023, arXiv 2302.07734); reconstruction, "
               "no public code")
 
-# PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
-torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# TFormer-as-PoolFormer keeps PyTorch's default conv init.
+torch_conv_init = layers.torch_conv_kernel_init
 
 
 def avg_pool_same(x: jax.Array, kernel: int) -> jax.Array:
