@@ -134,9 +134,9 @@ def test_init_from_resizes_pos_embed_and_reinitialises_head(tmp_path):
   assert results["step"] == 2
 
 
-def _one_step(num_devices, fsdp=1, model="tformer_s"):
-  config = _config(arg=f"model={model}", **{"mesh.num_devices": num_devices,
-                                            "mesh.fsdp": fsdp})
+def _one_step(num_devices, fsdp=1, model="tformer_s", dtype="float32"):
+  config = _config(arg=f"model={model}", dtype=dtype,
+                   **{"mesh.num_devices": num_devices, "mesh.fsdp": fsdp})
   trainer = train._Trainer(config, "/tmp/unused")  # pylint: disable=protected-access
   it = input_pipeline.create_train_iterator(
       config, mean=trainer.model_info.mean, std=trainer.model_info.std,
@@ -165,6 +165,13 @@ def test_eight_devices_match_one_device(model, fsdp):
   np.testing.assert_allclose(params8, params1, atol=1e-5)
   if stats1 is not None:
     np.testing.assert_allclose(stats8, stats1, atol=1e-5)
+
+
+def test_bf16_compute_keeps_float32_params():
+  loss_bf16, params_bf16, _ = _one_step(1, dtype="bfloat16")
+  loss_f32, _, _ = _one_step(1)
+  assert params_bf16.dtype == np.float32
+  assert np.isfinite(loss_bf16) and loss_bf16 == pytest.approx(loss_f32, rel=0.05)
 
 
 def test_batch_size_not_divisible_by_devices(tmp_path):
