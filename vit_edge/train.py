@@ -316,6 +316,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("step %d: %s", step, eval_results)
       if save_now:
         trainer.checkpoints.save(step, state, eval_results if eval_now else None)
+    if start_step >= trainer.num_train_steps:  # Already finished: just report.
+      eval_results = trainer.evaluate(state)
   trainer.checkpoints.wait()
   writer.flush()
   final = dict(eval_results, step=step)
