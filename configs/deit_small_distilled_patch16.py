@@ -9,7 +9,9 @@ Published ImageNet-1K recipe (TFDS imagenet2012 prepared in DATA_DIR)::
     python -m vit_edge.main --config=configs/deit_small_distilled_patch16.py:imagenet --config.data_dir=DATA_DIR \
         --workdir=workdir/deit_small_distilled_patch16_imagenet
 
-Expected results: README.md, "Training results" (digits) and "Model zoo" (ImageNet).
+Expected results: digits default, 96.39% eval top-1 after 330 steps (measured,
+README "Results on the embedded data"); ImageNet: the published top-1 in the
+README model table.
 """
 
 from vit_edge import recipes

@@ -9,7 +9,9 @@ Published ImageNet-1K recipe (TFDS imagenet2012 prepared in DATA_DIR)::
     python -m vit_edge.main --config=configs/tformer_m.py:imagenet --config.data_dir=DATA_DIR \
         --workdir=workdir/tformer_m_imagenet
 
-Expected results: README.md, "Training results" (digits) and "Model zoo" (ImageNet).
+Expected results: digits default, 98.06% eval top-1 after 176 steps (measured,
+README "Results on the embedded data"); ImageNet: the published top-1 in the
+README model table.
 """
 
 from vit_edge import recipes
