@@ -20,9 +20,15 @@ What every export does:
   runtime in :mod:`vit_edge.runtime` needs nothing but the .tflite file.
 * Quantisation (``quantize``): ``none`` (float32), ``fp16`` (float16 weights,
   float32 compute), ``dynamic`` (int8 weights, activations quantised on the fly
-  by the kernels) or ``int8`` (post-training full-integer quantisation calibrated
-  on ``num_calibration_samples`` training images with eval-style preprocessing;
-  float input/output unless ``integer_io``).
+  by the kernels) or ``int8`` (post-training quantisation calibrated on
+  ``num_calibration_samples`` training images with eval-style preprocessing).
+  ``int8`` keeps float input/output and quantises every op that XNNPACK runs in
+  int8 (convolutions, matmuls with constant weights, elementwise ops); the few it
+  cannot (batched matmul, rsqrt, softmax, GELU: :data:`INT8_FLOAT_OPS`, plus any
+  op the installed XNNPACK rejects) stay float, because TFLite's own int8 kernels
+  for them are many times slower and split XNNPACK's graph. ``integer_io=True``
+  instead gives a full-integer model with int8 input/output for integer-only
+  accelerators.
 * A parity guard: the exported bytes run in ai_edge_litert on real sample images
   and are compared with the JAX model (always float32, whatever the training
   dtype). Float exports must satisfy, over the parity samples,
@@ -35,13 +41,22 @@ What every export does:
   from a workdir, the top-1 accuracy of both on the eval split.
 
 Export-time graph rewrites (the model code is untouched; see
-:func:`inference_function`): the exact GELU that JAX lowers to a polynomial erfc
-with ``select`` ops (which split the XNNPACK graph into dozens of partitions and
-quantise badly) becomes either the tanh form that the converter fuses into one
-TFLite ``GELU`` op (``gelu="tanh"``, the default: |error| < 5e-4 per activation,
-covered by the tolerances above) or a clamped rational erf built from
-XNNPACK-supported ops only (``gelu="exact"``, |error| < 1e-6). Strided slices
-``x[:, ::r, ::r]`` become reshape + slice, which XNNPACK runs.
+:func:`inference_function`), each removing ops that XNNPACK, LiteRT's CPU
+delegate, does not run or that the converter lowers badly:
+
+* The exact GELU, which JAX lowers to a polynomial erfc with ``select`` ops (43
+  XNNPACK partitions and 2.7x the latency for edgevit_xxs), becomes either the
+  tanh form that the converter fuses into one TFLite ``GELU`` op
+  (``gelu="tanh"``, the default: |error| <= 4.8e-4 per activation, covered by the
+  tolerances above) or a clamped rational erf of XNNPACK-supported ops
+  (``gelu="exact"``, |error| < 1e-6).
+* Strided slices ``x[:, ::r, ::r]`` (EdgeViT's subsampling) become reshape + slice.
+* Stride-1 'same' window sums (TFormer's average pooling) become
+  ``sum / count``, which the converter turns into AVERAGE_POOL_2D instead of a
+  reference STABLEHLO_REDUCE_WINDOW kernel (14x slower, and int8 rejects it);
+  the model's multiplication by the inverse counts is folded away.
+* Broadcasts that feed a reshape (GroupNorm statistics) become a product with a
+  ones matrix instead of BROADCAST_TO.
 
 Example::
 
@@ -53,6 +68,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -80,6 +96,12 @@ OUTPUT_NAMES = ("logits", "probs")
 FLOAT_TOLERANCES = {"none": (1e-3, 1e-3), "fp16": (1e-2, 1e-2)}
 DEFAULT_NUM_CALIBRATION_SAMPLES = 200
 DEFAULT_NUM_PARITY_SAMPLES = 16
+# int8 exports keep ops on tensors of at most this many elements in float, and
+# ops whose int8 output is off by more than this many quantisation steps (RMS).
+_SMALL_TENSOR = 4096
+_MAX_INT8_ERROR = 5.0
+# Op types that int8 exports keep in float (see _quantize_for_xnnpack).
+INT8_FLOAT_OPS = ("BATCH_MATMUL", "RSQRT", "SOFTMAX", "GELU")
 
 
 class ParityError(RuntimeError):
@@ -179,14 +201,207 @@ def _strided_slice(x, start, limit, strides):
   return x
 
 
-def _eval_rewritten(jaxpr, consts, args, gelu: str):
+def _is_same_pool(eqn) -> bool:
+  """A stride-1 'same' k x k window sum over H, W of NHWC (tformer's average pool)."""
+  p = eqn.params
+  dims, strides, padding = p["window_dimensions"], p["window_strides"], p["padding"]
+  if len(dims) != 4 or dims[0] != 1 or dims[3] != 1 or any(s != 1 for s in strides):
+    return False
+  if any(d != 1 for d in p.get("base_dilation", (1,) * 4)) or any(
+      d != 1 for d in p.get("window_dilation", (1,) * 4)):
+    return False
+  return all(k % 2 == 1 and tuple(pad) == (k // 2, k // 2)
+             for k, pad in zip(dims[1:3], padding[1:3])) and tuple(padding[0]) == (
+                 0, 0) and tuple(padding[3]) == (0, 0)
+
+
+def _sum_pool_as_average_pool(x, params):
+  """(avg_pool(x), count) with sum_window(x) = their product; avg_pool is one op.
+
+  `window_sum(x) / window_sum(ones)` is the pattern TFLite lowers to one
+  AVERAGE_POOL_2D (SAME padding excludes the padding from the divisor, like the
+  count); otherwise reduce_window stays a slow STABLEHLO_REDUCE_WINDOW op that
+  XNNPACK does not run and int8 quantisation rejects.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  window = tuple(params["window_dimensions"])
+  padding = tuple(tuple(p) for p in params["padding"])
+  count_np = np.asarray(_window_counts(x.shape[1:3], window[1:3]), x.dtype)
+  count_np = count_np[None, :, :, None]
+  ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+  count = lax.reduce_window(ones, np.array(0, x.dtype), lax.add, window, (1,) * 4,
+                            padding)
+  summed = lax.reduce_window(x, np.array(0, x.dtype), lax.add, window, (1,) * 4,
+                             padding)
+  return summed / count, jnp.asarray(count_np)
+
+
+def _sliced_projection(eqn, x, producers, read):
+  """A last-axis slice of ``x @ W (+ b)`` as its own ``x @ W[:, a:b] (+ b[a:b])``.
+
+  A fused projection whose output is sliced into parts of very different
+  ranges (MobileViTv2's query/key/value: one score channel next to the keys and
+  values) gets one int8 scale for all parts, which wipes out the small ones
+  (its top-1 agreement with JAX fell to 29%). Separate products get separate
+  scales. Returns None when `eqn` is not such a slice.
+  """
+  p = eqn.params
+  if p.get("strides") and any(s != 1 for s in p["strides"]):
+    return None
+  last = x.ndim - 1
+  if any(p["start_indices"][d] != 0 or p["limit_indices"][d] != x.shape[d]
+         for d in range(last)):
+    return None
+  start, limit = p["start_indices"][last], p["limit_indices"][last]
+  producer = producers.get(eqn.invars[0])
+  bias = None
+  if producer is not None and producer.primitive.name == "add":
+    for i in (0, 1):
+      value = _constant_value(producer.invars[1 - i], producers, read)
+      dot = producers.get(producer.invars[i])
+      if value is not None and dot is not None and dot.primitive.name == "dot_general":
+        bias, producer = value, dot
+        break
+  if producer is None or producer.primitive.name != "dot_general":
+    return None
+  lhs, rhs = read(producer.invars[0]), read(producer.invars[1])
+  (lhs_contract, rhs_contract), (lhs_batch, _) = producer.params["dimension_numbers"]
+  if (_is_traced(rhs) or rhs.ndim != 2 or lhs_batch or tuple(rhs_contract) != (0,)
+      or tuple(lhs_contract) != (lhs.ndim - 1,)):
+    return None
+  out = producer.primitive.bind(
+      lhs, np.asarray(rhs)[:, start:limit],
+      **producer.primitive.get_bind_params(producer.params))
+  if bias is not None:
+    out = out + np.broadcast_to(bias, bias.shape[:-1] + (x.shape[-1],))[..., start:limit]
+  return out.astype(x.dtype)
+
+
+def _constant_value(atom, producers, read) -> Optional[np.ndarray]:
+  """The numpy value of `atom` if it is a constant (through reshapes), else None.
+
+  Under jit every bound op yields a tracer, even of constants (a Dense bias
+  reshaped for broadcasting), so constness is traced back to the variables.
+  """
+  from jax.extend import core as jex_core  # pylint: disable=g-import-not-at-top
+  if isinstance(atom, jex_core.Literal):
+    return np.asarray(atom.val)
+  value = read(atom)
+  if not _is_traced(value):
+    return np.asarray(value)
+  eqn = producers.get(atom)
+  if eqn is None or eqn.primitive.name not in ("reshape", "broadcast_in_dim",
+                                               "convert_element_type"):
+    return None
+  source = _constant_value(eqn.invars[0], producers, read)
+  if source is None:
+    return None
+  if eqn.primitive.name == "reshape":
+    return source.reshape(eqn.params["new_sizes"])
+  if eqn.primitive.name == "convert_element_type":
+    return source.astype(eqn.params["new_dtype"])
+  shape = eqn.params["shape"]
+  expanded = [1] * len(shape)
+  for axis, dim in enumerate(eqn.params["broadcast_dimensions"]):
+    expanded[dim] = source.shape[axis]
+  return np.broadcast_to(source.reshape(expanded), shape)
+
+
+def _cascaded_max_pool(var, x, kernel, cache):
+  """'same' k x k max pooling as (k - 1) / 2 stacked 3 x 3 ones, shared across k.
+
+  Exact (the -inf padding never wins a max), as YOLOv5's SPPF: TFormer's 3, 5
+  and 7 max-pool branches of one input cost three 3 x 3 pools instead of
+  9 + 25 + 49 comparisons per output.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  if kernel[0] != kernel[1]:
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, *kernel, 1), (1,) * 4,
+                             ((0, 0), (kernel[0] // 2,) * 2, (kernel[1] // 2,) * 2,
+                              (0, 0)))
+  k = kernel[0]
+  if (var, k) not in cache:
+    previous = x if k == 1 else _cascaded_max_pool(var, x, (k - 2, k - 2), cache)
+    cache[(var, k)] = previous if k == 1 else lax.reduce_window(
+        previous, -jnp.inf, lax.max, (1, 3, 3, 1), (1,) * 4,
+        ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return cache[(var, k)]
+
+
+def _divides_by_window_count(user, pool_eqn, read, x) -> bool:
+  """Whether `user` is ``window_sum * (1 / count)`` with a constant count map."""
+  if user.primitive.name != "mul" or len(pool_eqn.outvars) != 1:
+    return False
+  others = [v for v in user.invars if v is not pool_eqn.outvars[0]]
+  if len(others) != 1:
+    return False
+  value = read(others[0])
+  if _is_traced(value):
+    return False
+  window = pool_eqn.params["window_dimensions"]
+  inverse = 1.0 / _window_counts(x.shape[1:3], window[1:3])[None, :, :, None]
+  try:
+    value = np.broadcast_to(np.asarray(value, np.float32), inverse.shape)
+  except ValueError:  # Not a per-position map: some other multiply.
+    return False
+  return bool(np.allclose(value, inverse, rtol=1e-6, atol=0))
+
+
+def _window_counts(spatial, kernel):
+  counts = []
+  for n, k in zip(spatial, kernel):
+    idx = np.arange(n)
+    counts.append(np.minimum(idx + k // 2, n - 1) - np.maximum(idx - k // 2, 0) + 1)
+  return np.outer(*counts).astype(np.float32)
+
+
+# Ops whose TFLite lowering broadcasts implicitly, so a broadcast feeding them folds.
+_BROADCASTING_OPS = frozenset({"add", "sub", "mul", "div", "max", "min", "pow",
+                               "select_n", "and", "or", "eq", "ne", "lt", "le", "gt",
+                               "ge", "atan2", "rem"})
+
+
+def _is_traced(x) -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return isinstance(x, jax.core.Tracer)
+
+
+def _broadcast_as_matmul(x, shape, broadcast_dimensions):
+  """broadcast_in_dim along trailing dims as x[M, 1] @ ones[1, N] (FULLY_CONNECTED).
+
+  TFLite keeps a broadcast that feeds a reshape (GroupNorm's statistics) as a
+  BROADCAST_TO op, which XNNPACK does not run, splitting its graph; the converter
+  folds a multiply by ones back into that broadcast, but not a product with a
+  ones matrix. Returns None when the new dims are not trailing (left as is).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  expanded = [1] * len(shape)
+  for axis, dim in enumerate(broadcast_dimensions):
+    expanded[dim] = x.shape[axis]
+  grown = [d for d, (e, s) in enumerate(zip(expanded, shape)) if e == 1 and s > 1]
+  if not grown or grown != list(range(grown[0], len(shape))):
+    return None
+  lead = math.prod(expanded[:grown[0]])
+  cols = math.prod(shape[grown[0]:])
+  out = x.reshape(lead, 1) @ jnp.ones((1, cols), x.dtype)
+  return out.reshape(shape)
+
+
+def _eval_rewritten(jaxpr, consts, args, gelu: str, split_projections: bool = False):
   from jax.extend import core as jex_core  # pylint: disable=g-import-not-at-top
 
-  env, producers = {}, {}
+  env, producers, replaced, max_pools = {}, {}, {}, {}
 
   def read(atom):
     return atom.val if isinstance(atom, jex_core.Literal) else env[atom]
 
+  consumers = collections.defaultdict(list)
+  for eqn in jaxpr.eqns:
+    for v in eqn.invars:
+      if not isinstance(v, jex_core.Literal):
+        consumers[v].append(eqn)
   env.update(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
   for eqn in jaxpr.eqns:
@@ -195,7 +410,8 @@ def _eval_rewritten(jaxpr, consts, args, gelu: str):
     inner = eqn.params.get(_INLINE_PARAMS.get(name, ""))
     if inner is not None:
       outs = _eval_rewritten(getattr(inner, "jaxpr", inner),
-                             getattr(inner, "consts", ()), invals, gelu)
+                             getattr(inner, "consts", ()), invals, gelu,
+                             split_projections)
     elif name == "erfc":
       x = _exact_gelu_input(eqn.invars[0], producers)
       if gelu == "tanh" and x is not None:
@@ -206,6 +422,30 @@ def _eval_rewritten(jaxpr, consts, args, gelu: str):
       outs = outs.astype(invals[0].dtype)
     elif name == "erf":
       outs = _erf_rational(invals[0]).astype(invals[0].dtype)
+    elif eqn in replaced:
+      outs = replaced.pop(eqn)
+    elif (name == "reduce_window_max" and _is_same_pool(eqn)
+          and max(eqn.params["window_dimensions"]) > 1):
+      outs = _cascaded_max_pool(eqn.invars[0], invals[0],
+                                eqn.params["window_dimensions"][1:3], max_pools)
+    elif name == "reduce_window_sum" and _is_same_pool(eqn):
+      outs = _sum_pool_as_average_pool(invals[0], eqn.params)
+      # avg_pool_same multiplies the sum by the inverse counts: hand the average
+      # to that multiply instead, saving two full-size MULs per pooling.
+      (user,) = consumers[eqn.outvars[0]] or (None,)
+      if user is not None and _divides_by_window_count(user, eqn, read, invals[0]):
+        replaced[user] = outs[0]
+      outs = outs[0] * outs[1]
+    elif (name == "broadcast_in_dim" and _is_traced(invals[0]) and any(
+        c.primitive.name not in _BROADCASTING_OPS for c in consumers[eqn.outvars[0]])
+          and (outs := _broadcast_as_matmul(invals[0], eqn.params["shape"],
+                                            eqn.params["broadcast_dimensions"]))
+          is not None):
+      pass
+    elif (name == "slice" and split_projections
+          and (outs := _sliced_projection(eqn, invals[0], producers, read))
+          is not None):
+      pass
     elif name == "slice" and eqn.params.get("strides") and any(
         s != 1 for s in eqn.params["strides"]):
       outs = _strided_slice(invals[0], eqn.params["start_indices"],
@@ -222,12 +462,15 @@ def _eval_rewritten(jaxpr, consts, args, gelu: str):
 
 
 def inference_function(model, variables, image_size: int, channels: int = 3,
-                       gelu: str = "tanh") -> Callable[[Any], dict[str, Any]]:
+                       gelu: str = "tanh",
+                       split_projections: bool = False
+                       ) -> Callable[[Any], dict[str, Any]]:
   """The function that is exported: image -> {"logits", "probs"}, rewritten for TFLite.
 
-  The model's forward pass is traced once and re-evaluated with the exact GELU
-  and strided slices rewritten (see the module docstring); everything else binds
-  the original primitives, so the numerics stay those of the model.
+  The model's forward pass is traced once to a jaxpr and re-evaluated with the
+  GELU, strided slices, window sums and reshape-feeding broadcasts rewritten (see
+  the module docstring); every other equation binds its original primitive, so
+  the numerics stay those of the model.
 
   Args:
     model: a linen module whose ``apply(variables, x, train=False)`` returns
@@ -236,6 +479,8 @@ def inference_function(model, variables, image_size: int, channels: int = 3,
     image_size: side of the square input.
     channels: input channels.
     gelu: "tanh" (fused TFLite GELU op) or "exact" (rational erf).
+    split_projections: compute each last-axis slice of a projection as its own
+      product (for int8: one scale per part; see _sliced_projection).
 
   Returns:
     A JAX-traceable function of one float32 [1, S, S, C] image batch.
@@ -258,7 +503,8 @@ def inference_function(model, variables, image_size: int, channels: int = 3,
   leaves = jax.tree_util.tree_leaves(variables)
 
   def fn(image):
-    (logits,) = _eval_rewritten(closed.jaxpr, closed.consts, [*leaves, image], gelu)
+    (logits,) = _eval_rewritten(closed.jaxpr, closed.consts, [*leaves, image], gelu,
+                                split_projections)
     logits = logits.astype(jnp.float32)
     return {"logits": logits, "probs": jax.nn.softmax(logits, axis=-1)}
 
@@ -312,7 +558,8 @@ def to_tflite(model, variables, image_size: int, channels: int = 3, *,
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:  # TensorFlow already initialised its devices.
     pass
-  fn = inference_function(model, variables, image_size, channels, gelu)
+  fn = inference_function(model, variables, image_size, channels, gelu,
+                          split_projections=quantize == "int8")
   converted = jax2tf.convert(fn, native_serialization_platforms=("cpu",),
                              with_gradient=False)
   spec = tf.TensorSpec((1, image_size, image_size, channels), tf.float32,
@@ -339,7 +586,127 @@ def to_tflite(model, variables, image_size: int, channels: int = 3, *,
       converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
       converter.inference_input_type = tf.int8
       converter.inference_output_type = tf.int8
-  return converter.convert()
+    else:
+      # Calibrate only; _quantize_for_xnnpack picks what stays float.
+      converter._experimental_calibrate_only = True  # pylint: disable=protected-access
+      debug_images = []
+      for image in representative():
+        debug_images.append(image[0])
+        if len(debug_images) == 8:
+          break
+      return _quantize_for_xnnpack(_convert(converter, image_size), debug_images)
+  return _convert(converter, image_size)
+
+
+def _quantize_for_xnnpack(calibrated: bytes, debug_images: Sequence[np.ndarray]
+                          ) -> bytes:
+  """int8 quantisation that keeps in float what int8 would slow down or break.
+
+  XNNPACK (LiteRT's CPU delegate) runs int8 convolutions, matmuls with constant
+  weights and most elementwise ops, but not int8 BATCH_MATMUL, RSQRT, SOFTMAX or
+  GELU; TFLite's own int8 kernels for those are up to 100x slower than XNNPACK's
+  float ones (edgevit_xxs at 224: 2.1 ms of int8 BATCH_MATMUL vs 0.17 ms float)
+  and every op that falls off XNNPACK splits its graph. So:
+
+  1. those op types stay float (:data:`INT8_FLOAT_OPS`);
+  2. so does every other int8 op that the installed XNNPACK rejects (by name)
+     and every op on statistics-sized tensors (see _int8_nodes_to_keep_float);
+  3. TensorFlow's QuantizationDebugger then runs each remaining int8 op on
+     `debug_images` next to its float version, and ops whose error exceeds
+     :data:`_MAX_INT8_ERROR` quantisation steps stay float too (e.g. the fused
+     query/key/value projection of MobileViTv2's linear attention, 94 steps).
+
+  This uses the quantiser entry point of TensorFlow's QuantizationDebugger
+  (``mlir_quantize`` with deny lists).
+  """
+  from tensorflow.lite.python import convert as tfl_convert  # pylint: disable=g-import-not-at-top
+
+  def quantize(nodes, verify=False):
+    return tfl_convert.mlir_quantize(calibrated, denylisted_ops=list(INT8_FLOAT_OPS),
+                                     denylisted_nodes=list(nodes),
+                                     enable_numeric_verify=verify)
+
+  nodes: list[str] = []
+  quantized = quantize(nodes)
+  for step in range(4):
+    new = [n for n in _int8_nodes_to_keep_float(quantized) if n not in nodes]
+    if step == 1 and debug_images is not None:
+      new += [n for n in _high_error_nodes(quantize(nodes, verify=True), debug_images)
+              if n not in nodes and n not in new]
+    if not new and step >= 1:
+      break
+    nodes += new
+    quantized = quantize(nodes)
+  return quantized
+
+
+def _high_error_nodes(debug_model: bytes, images: Sequence[np.ndarray]) -> list[str]:
+  """Ops whose int8 output is off by more than _MAX_INT8_ERROR steps (RMS)."""
+  import csv  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice.
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        quant_debug_model_content=debug_model,
+        debug_dataset=lambda: ([np.asarray(x, np.float32)] for x in images))
+    debugger.run()
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+  names = []
+  for row in csv.DictReader(io.StringIO(dump.getvalue())):
+    scale = float(row["scale"] or 0)
+    if scale and math.sqrt(float(row["mean_squared_error"])) / scale > _MAX_INT8_ERROR:
+      names.append(row["tensor_name"])
+  return names
+
+
+def _int8_nodes_to_keep_float(tflite_model: bytes) -> list[str]:
+  """Names of the int8 ops to re-quantise as float.
+
+  Two kinds: ops with integer tensors that run outside XNNPACK, and ops whose
+  tensors are all statistics-sized (at most :data:`_SMALL_TENSOR` elements:
+  norm means and variances, pooled features, the classifier head). The latter
+  cost nothing in float, while one int8 scale per such tensor loses them (with
+  them quantised, MobileViTv2's top-1 agreement with JAX fell to 29%).
+  """
+  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+  from vit_edge.runtime import latency  # pylint: disable=g-import-not-at-top
+  interpreter = Interpreter(model_content=tflite_model, num_threads=1)
+  interpreter.allocate_tensors()
+  tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+
+  def quantized(indices):
+    return [tensors[i] for i in indices if i in tensors and np.issubdtype(
+        tensors[i]["dtype"], np.integer) and tensors[i]["quantization"][0]]
+
+  names = []
+  for op in latency.undelegated_nodes(interpreter):
+    if quantized(list(op["inputs"]) + list(op["outputs"])):
+      names.append(tensors[op["outputs"][0]]["name"])
+  for op in interpreter._get_ops_details():  # pylint: disable=protected-access
+    if op["op_name"] in ("QUANTIZE", "DEQUANTIZE", "DELEGATE"):
+      continue
+    activations = quantized(list(op["inputs"]) + list(op["outputs"]))
+    activations = [t for t in activations if t["name"] and "constant" not in t["name"]]
+    if activations and all(np.prod(t["shape"]) <= _SMALL_TENSOR for t in activations):
+      names.append(tensors[op["outputs"][0]]["name"])
+  return list(dict.fromkeys(names))
+
+
+def _convert(converter, image_size: int) -> bytes:
+  """converter.convert() with the known converter failures explained."""
+  try:
+    return converter.convert()
+  except Exception as e:  # The converter raises ConverterError/RuntimeError.
+    if "op found invalid output rank" in str(e):
+      raise ValueError(
+          f"The TFLite converter of TF 2.21 cannot lower a matmul whose token or "
+          f"patch dimension has size 1, which image_size={image_size} produces for "
+          "this model (e.g. one token per attention window, or one patch per "
+          "MobileViT block). Export at a larger image_size (the model's reference "
+          "resolution, or at least 4x its total stride).") from e
+    raise
 
 
 def add_metadata(tflite_model: bytes, metadata: dict[str, Any],
@@ -699,6 +1066,25 @@ def _check_count(name: str, value: Optional[int], minimum: int) -> None:
     raise ValueError(f"{name}={value} must be >= {minimum}.")
 
 
+def _resized_config(config, image_size: int):
+  """`config` at another input resolution, for models that allow one."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from vit_edge import models  # pylint: disable=g-import-not-at-top
+  info = models.get_model_info(config.model)
+  if info.fixed_resolution:
+    raise ValueError(
+        f"image_size={image_size}: {config.model} was trained at "
+        f"{config.image_size} and its position embedding fixes that resolution. "
+        f"Export at {config.image_size} (omit --image_size).")
+  if image_size < 1 or image_size % info.stride:
+    raise ValueError(f"image_size={image_size} is not a positive multiple of the "
+                     f"total stride {info.stride} of {config.model}.")
+  resized = ml_collections.ConfigDict(config.to_dict())
+  with resized.unlocked():
+    resized.image_size = image_size
+  return resized
+
+
 def _checkpoint_step(workdir: str, step: Optional[int]) -> Optional[int]:
   """The step that load_trained_model restored (it does not return it)."""
   if step is not None:
@@ -719,7 +1105,7 @@ def _float32_config(config):
 
 
 def export_from_workdir(workdir: str, out: str, *, step: Optional[int] = None,
-                        quantize: str = "none",
+                        quantize: str = "none", image_size: Optional[int] = None,
                         num_calibration_samples: int = DEFAULT_NUM_CALIBRATION_SAMPLES,
                         num_parity_samples: int = DEFAULT_NUM_PARITY_SAMPLES,
                         max_eval_examples: Optional[int] = None,
@@ -737,6 +1123,10 @@ def export_from_workdir(workdir: str, out: str, *, step: Optional[int] = None,
     out: destination .tflite path.
     step: checkpoint step (None: the newest).
     quantize: one of :data:`QUANTIZE_MODES`.
+    image_size: export resolution (default: the training one). Convolutional
+      and hybrid models run at any multiple of their stride; ViTs (fixed
+      position embeddings) only at their training size. Calibration, parity and
+      eval images are preprocessed at this size.
     num_calibration_samples: training images for ``int8`` calibration.
     num_parity_samples: eval images for the parity guard.
     max_eval_examples: cap on the eval pass (None: the whole split, 0: skip).
@@ -765,6 +1155,9 @@ def export_from_workdir(workdir: str, out: str, *, step: Optional[int] = None,
 
   _, variables, config, info = train.load_trained_model(workdir, step=step,
                                                         use_ema=use_ema)
+  trained_size = int(config.image_size)
+  if image_size is not None and image_size != trained_size:
+    config = _resized_config(config, image_size)
   model = train.build_model(_float32_config(config), info["num_classes"])
   mean, std = info["mean"], info["std"]
   eval_batches = input_pipeline.create_eval_iterator(
@@ -779,7 +1172,8 @@ def export_from_workdir(workdir: str, out: str, *, step: Optional[int] = None,
       "interpolation": str(aug.get("interpolation", "bilinear")),
       "dataset": info.get("name"),
       "source": {"workdir": os.path.abspath(workdir),
-                 "step": _checkpoint_step(workdir, step), "use_ema": use_ema},
+                 "step": _checkpoint_step(workdir, step), "use_ema": use_ema,
+                 "trained_image_size": trained_size},
   }
   representative = None
   if quantize == "int8":
@@ -908,7 +1302,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="output .tflite (default: <model>_<quantize>.tflite in "
                            "<workdir>/export or the current directory)")
   parser.add_argument("--image_size", type=int, default=None,
-                      help="with --model: input side (default: the model's)")
+                      help="input side (default: the training resolution, or the "
+                           "model's reference one with --model)")
   parser.add_argument("--num_classes", type=int, default=1000,
                       help="with --model: classifier width")
   parser.add_argument("--calibration", default="digits", choices=("digits", "random"),
@@ -956,6 +1351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> ExportReport:
   if args.workdir:
     out = args.out or _default_out(args.workdir, args.quantize)
     report = export_from_workdir(args.workdir, out, step=args.step,
+                                 image_size=args.image_size,
                                  use_ema=not args.no_ema, **common)
   else:
     out = args.out or f"{args.model}_{args.quantize}.tflite"

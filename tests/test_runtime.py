@@ -1,0 +1,184 @@
+"""The light runtime: metadata, preprocessing parity, Classifier, CLI, latency, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from vit_edge import export
+from vit_edge import input_pipeline
+from vit_edge.runtime import classifier
+from vit_edge.runtime import classify
+from vit_edge.runtime import latency
+from vit_edge.runtime import metadata as metadata_lib
+from vit_edge.runtime import transforms
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TFORMER = {"depths": (1, 1, 1, 1), "widths": (8, 16, 24, 32)}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("model") / "tformer_tiny.tflite")
+  export.export_from_registry("tformer_s", path, image_size=32, num_classes=10,
+                              num_parity_samples=4, max_eval_examples=0,
+                              overrides=TINY_TFORMER)
+  return path
+
+
+@pytest.fixture(scope="module")
+def digit_images(tmp_path_factory):
+  """A digits test image as PNG and JPEG (upscaled so JPEG keeps the shape)."""
+  images, labels = input_pipeline._digits_arrays()["test"]  # pylint: disable=protected-access
+  folder = tmp_path_factory.mktemp("images")
+  pil = Image.fromarray(images[0][..., 0]).resize((64, 64), Image.Resampling.NEAREST)
+  png, jpg = str(folder / "digit.png"), str(folder / "digit.jpg")
+  pil.save(png)
+  pil.convert("RGB").save(jpg, quality=95)
+  return {"png": png, "jpg": jpg, "label": int(labels[0])}
+
+
+def test_metadata_reader_agrees_with_flatbuffer_schema(model_path):
+  from ai_edge_litert import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
+  data = open(model_path, "rb").read()
+  model = schema.Model.GetRootAsModel(data, 0)
+  expected = {}
+  for i in range(model.MetadataLength()):
+    entry = model.Metadata(i)
+    expected[entry.Name().decode()] = model.Buffers(entry.Buffer()).DataAsNumpy().tobytes()
+  assert metadata_lib.read_all_metadata(data) == expected
+  meta = metadata_lib.read_metadata(model_path)
+  assert meta["model"] == "tformer_s" and meta["image_size"] == 32
+  assert meta["label_names"] == [str(i) for i in range(10)]
+  assert meta["signature"] == "serving_default" and meta["outputs"] == ["logits", "probs"]
+
+
+def test_metadata_errors(tmp_path, model_path):
+  not_tflite = tmp_path / "x.tflite"
+  not_tflite.write_bytes(b"hello world, not a model")
+  with pytest.raises(metadata_lib.MetadataError, match="Not a TFLite model"):
+    metadata_lib.read_metadata(not_tflite)
+  data = open(model_path, "rb").read()
+  # A model whose metadata entry is renamed: a TFLite file without ours.
+  renamed = data.replace(b"vit_edge\x00", b"vit_edgX\x00")
+  with pytest.raises(metadata_lib.MetadataError, match="no 'vit_edge' metadata"):
+    metadata_lib.parse_metadata(renamed)
+  with pytest.raises(metadata_lib.MetadataError, match="Corrupt"):
+    metadata_lib.parse_metadata(data[:len(data) // 50])
+
+
+@pytest.mark.parametrize("crop_pct,interpolation,shape", [
+    (0.875, "bilinear", (8, 8)),
+    (1.0, "bilinear", (40, 30)),
+    (0.9, "bicubic", (30, 50)),
+])
+def test_preprocessing_matches_training_eval_pipeline(crop_pct, interpolation, shape):
+  rng = np.random.default_rng(0)
+  raw = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+  raw = np.asarray(Image.fromarray(raw).filter(_smooth()))  # Natural-ish images.
+  config = ml_collections.ConfigDict(dict(
+      image_size=16, aug=dict(crop_pct=crop_pct, interpolation=interpolation)))
+  expected = input_pipeline._eval_preprocess(config)(tf.constant(raw))  # pylint: disable=protected-access
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  expected = (np.asarray(expected, np.float32) / 255 - mean) / std
+  got = transforms.preprocess(raw, 16, mean, std, crop_pct, interpolation)
+  assert got.shape == (16, 16, 3) and got.dtype == np.float32
+  # Within a couple of 8-bit levels (resampling kernels round differently).
+  levels = np.abs(got - expected) * np.asarray(std) * 255
+  assert levels.max() <= 2.0 and levels.mean() <= 0.5
+
+
+def _smooth():
+  from PIL import ImageFilter  # pylint: disable=g-import-not-at-top
+  return ImageFilter.GaussianBlur(1.5)
+
+
+def test_classifier_matches_exported_model(model_path, digit_images):
+  clf = classifier.Classifier(model_path, num_threads=1)
+  top = clf.classify(digit_images["png"], top_k=3)
+  assert len(top) == 3 and [p.label for p in top] == [str(p.index) for p in top]
+  assert top[0].probability >= top[1].probability >= top[2].probability
+  x = clf.preprocess(digit_images["png"])
+  probs = clf.predict(x[None])[0]
+  assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+  logits = export.tflite_predict(open(model_path, "rb").read(), x[None])[0]
+  np.testing.assert_allclose(probs, np.exp(logits) / np.exp(logits).sum(), atol=1e-5)
+  assert top[0].index == int(np.argmax(probs))
+  assert len(clf.classify(digit_images["jpg"], top_k=50)) == 10  # Capped at K.
+
+
+def test_cli_prints_labels_and_probabilities_without_jax_or_tf(model_path,
+                                                               digit_images):
+  # Blocking the imports proves the runtime needs neither JAX nor TensorFlow.
+  code = ("import sys\n"
+          "for m in ('jax', 'jaxlib', 'tensorflow', 'flax'): sys.modules[m] = None\n"
+          "from vit_edge.runtime import classify\n"
+          "sys.exit(classify.main(sys.argv[1:]))\n")
+  result = subprocess.run(
+      [sys.executable, "-c", code, model_path, digit_images["png"],
+       digit_images["jpg"], "--threads", "1", "--top_k", "2"],
+      capture_output=True, text=True, cwd=REPO, check=False,
+      env=dict(os.environ, PYTHONPATH=REPO))
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith(digit_images["png"]) and "tformer_s" in lines[0]
+  assert lines[1].strip().startswith("1. ") and lines[2].strip().startswith("2. ")
+  assert len(lines) == 6
+  probability = float(lines[1].split()[-1])
+  assert 0.0 < probability <= 1.0
+
+
+def test_cli_json_and_module_entry_point(model_path, digit_images):
+  result = subprocess.run(
+      [sys.executable, "-m", "vit_edge.runtime.classify", model_path,
+       digit_images["png"], "--json", "--top_k", "3"],
+      capture_output=True, text=True, cwd=REPO, check=False,
+      env=dict(os.environ, PYTHONPATH=REPO))
+  assert result.returncode == 0, result.stderr
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["model"] == "tformer_s" and len(out["predictions"]) == 3
+
+
+def test_cli_bad_inputs(model_path, tmp_path, capsys):
+  unreadable = tmp_path / "notes.jpg"
+  unreadable.write_text("this is not an image")
+  assert classify.main([model_path, str(unreadable)]) == 2
+  assert "Cannot read" in capsys.readouterr().err
+  assert classify.main([model_path, str(tmp_path / "missing.png")]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  assert classify.main([str(tmp_path / "missing.tflite"), str(unreadable)]) == 2
+  assert "Model file" in capsys.readouterr().err
+  assert classify.main([model_path, str(unreadable), "--top_k", "0"]) == 2
+
+
+def test_wrong_input_size_is_a_clear_error(model_path):
+  clf = classifier.Classifier(model_path)
+  with pytest.raises(ValueError, match=r"takes images of shape \(32, 32, 3\).*got "
+                                       r"\(31, 31, 3\)"):
+    clf.predict(np.zeros((1, 31, 31, 3), np.float32))
+  with pytest.raises(ValueError, match="num_threads=0"):
+    classifier.TFLiteModel(model_path, num_threads=0)
+  with pytest.raises(transforms.ImageReadError, match="Image array of shape"):
+    clf.classify(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_latency_measure(model_path):
+  stats = latency.measure(model_path, num_threads=1, runs=3, warmup=1)
+  assert stats["median_ms"] > 0 and stats["p90_ms"] >= stats["min_ms"]
+  assert stats["peak_mb"] >= 0 and stats["delegate_partitions"] >= 1
+  assert stats["undelegated_ops"] == {}  # The tiny TFormer runs fully on XNNPACK.
+
+
+def test_profile_ops_by_isolation(model_path):
+  rows = latency.profile_ops(model_path, num_threads=1, runs=2)
+  ops = {r["op"] for r in rows}
+  assert {"CONV_2D", "GELU"} <= ops
+  conv = next(r for r in rows if r["op"] == "CONV_2D")
+  assert conv["xnnpack"] and conv["macs"] > 0 and conv["gflops"] > 0
+  assert all(r["ms"] > 0 for r in rows)

@@ -1,0 +1,295 @@
+"""Latency and peak memory of a .tflite model, measured in this process.
+
+Run it in a fresh process per measurement (``vit_edge.bench`` does) so the
+memory figure belongs to one model::
+
+    python -m vit_edge.runtime.latency model.tflite --threads 1 --runs 50 \
+        --warmup 10   # prints one JSON object
+    python -m vit_edge.runtime.latency model.tflite --profile_ops  # + per-op times
+
+Latency: wall time of ``Interpreter.invoke()`` (XNNPACK, the default delegate)
+on a fixed random input, after `warmup` untimed runs; median and 90th
+percentile over `runs`. Memory: the process's peak resident set (``VmHWM`` in
+/proc/self/status, else ``ru_maxrss``) minus its resident set after importing
+numpy and LiteRT, i.e. the mapped model, the tensor arena, XNNPACK's packed
+weights and the workspace; no tracing allocator needed.
+
+Example::
+
+    stats = measure("model.tflite", num_threads=1, runs=50, warmup=10)
+    stats["median_ms"], stats["peak_mb"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+
+def _status_kb(field: str) -> Optional[int]:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return None
+
+
+def _rss_mb() -> float:
+  kb = _status_kb("VmRSS")
+  if kb is None:  # Not Linux: ru_maxrss is the best available proxy.
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return kb / 1024.0
+
+
+def _peak_rss_mb() -> float:
+  kb = _status_kb("VmHWM")
+  if kb is None:
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kb = maxrss / 1024 if sys.platform == "darwin" else maxrss  # bytes on macOS
+  return kb / 1024.0
+
+
+def undelegated_nodes(interpreter) -> list[dict[str, Any]]:
+  """The op details (``interpreter._get_ops_details()``) of ops outside delegates.
+
+  LiteRT does not expose its execution plan, so this infers it from tensors:
+  an op is not delegated when an output of it feeds a DELEGATE node or is a
+  model output without being produced by a DELEGATE node, or feeds such an op.
+  With XNNPACK as the delegate these are the ops that fall off XNNPACK.
+
+  Example::
+
+      [op["op_name"] for op in undelegated_nodes(interpreter)]  # [] when fully
+  """
+  ops = interpreter._get_ops_details()  # pylint: disable=protected-access
+  delegates = [o for o in ops if o["op_name"] == "DELEGATE"]
+  delegate_out = {t for o in delegates for t in o["outputs"]}
+  needed = {t for o in delegates for t in o["inputs"]}
+  needed |= {d["index"] for d in interpreter.get_output_details()}
+  originals = [o for o in ops if o["op_name"] != "DELEGATE"]
+  found: dict[int, dict[str, Any]] = {}
+  changed = True
+  while changed:  # Walk back from partition inputs through undelegated producers.
+    changed = False
+    for op in originals:
+      outs = set(op["outputs"])
+      if op["index"] not in found and outs & needed and not outs & delegate_out:
+        found[op["index"]] = op
+        needed |= {t for t in op["inputs"] if t >= 0}
+        changed = True
+  return [found[i] for i in sorted(found)]
+
+
+def undelegated_ops(interpreter) -> dict[str, int]:
+  """Counts per op type of :func:`undelegated_nodes`, e.g. ``{"BROADCAST_TO": 21}``.
+
+  Example::
+
+      undelegated_ops(interpreter)  # {} when XNNPACK runs the whole graph
+  """
+  counts: dict[str, int] = {}
+  for op in undelegated_nodes(interpreter):
+    counts[op["op_name"]] = counts.get(op["op_name"], 0) + 1
+  return dict(sorted(counts.items()))
+
+
+def measure(model_path: str, num_threads: int = 1, runs: int = 50,
+            warmup: int = 10, seed: int = 0) -> dict[str, Any]:
+  """Times `runs` invocations after `warmup` (see the module docstring).
+
+  Args:
+    model_path: a .tflite file with one input.
+    num_threads: CPU threads for LiteRT/XNNPACK.
+    runs: timed invocations (>= 1).
+    warmup: untimed invocations first (XNNPACK packs weights on the first).
+    seed: of the random input.
+
+  Returns:
+    ``{"median_ms", "p90_ms", "mean_ms", "min_ms", "runs", "threads",
+    "baseline_rss_mb", "peak_mb", "delegate_partitions", "num_ops",
+    "undelegated_ops"}``.
+
+  Example::
+
+      measure("m.tflite", num_threads=2)["median_ms"]
+  """
+  if runs < 1 or warmup < 0 or num_threads < 1:
+    raise ValueError(f"runs={runs} must be >= 1, warmup={warmup} >= 0 and "
+                     f"num_threads={num_threads} >= 1.")
+  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+  baseline = _rss_mb()
+  interpreter = Interpreter(model_path=model_path, num_threads=num_threads)
+  interpreter.allocate_tensors()
+  (inp,) = interpreter.get_input_details()
+  rng = np.random.default_rng(seed)
+  if np.issubdtype(inp["dtype"], np.integer):
+    info = np.iinfo(inp["dtype"])
+    data = rng.integers(info.min, info.max + 1, inp["shape"]).astype(inp["dtype"])
+  else:
+    data = rng.standard_normal(inp["shape"]).astype(inp["dtype"])
+  interpreter.set_tensor(inp["index"], data)
+  for _ in range(warmup):
+    interpreter.invoke()
+  times = np.empty(runs)
+  for i in range(runs):
+    start = time.perf_counter()
+    interpreter.invoke()
+    times[i] = time.perf_counter() - start
+  ops = interpreter._get_ops_details()  # pylint: disable=protected-access
+  times_ms = times * 1e3
+  return {"median_ms": float(np.median(times_ms)),
+          "p90_ms": float(np.percentile(times_ms, 90)),
+          "mean_ms": float(np.mean(times_ms)), "min_ms": float(np.min(times_ms)),
+          "runs": runs, "threads": num_threads,
+          "baseline_rss_mb": baseline, "peak_mb": _peak_rss_mb() - baseline,
+          "delegate_partitions": sum(o["op_name"] == "DELEGATE" for o in ops),
+          "num_ops": sum(o["op_name"] != "DELEGATE" for o in ops),
+          "undelegated_ops": undelegated_ops(interpreter)}
+
+
+def _op_macs(name: str, inputs: list, outputs: list) -> int:
+  """Multiply-accumulates of a GEMM-like op from its tensor shapes (else 0)."""
+  out = outputs[0] if outputs else None
+  if out is None:
+    return 0
+  n_out = int(np.prod(out))
+  if name == "FULLY_CONNECTED" and len(inputs) > 1:
+    return n_out * int(inputs[1][-1])
+  if name == "CONV_2D" and len(inputs) > 1:
+    return n_out * int(np.prod(inputs[1][1:]))
+  if name == "DEPTHWISE_CONV_2D" and len(inputs) > 1:
+    return n_out * int(np.prod(inputs[1][1:3]))
+  if name == "BATCH_MATMUL" and len(inputs) > 1:
+    return n_out * int(inputs[0][-1])
+  return 0
+
+
+def profile_ops(model_path: str, num_threads: int = 1, runs: int = 15
+                ) -> list[dict[str, Any]]:
+  """Per-op-type latency by isolation: every op runs as its own one-op model.
+
+  LiteRT's Python API has no op profiler, so each op of the graph is cut out
+  (with its constant inputs) into a model of its own, run with XNNPACK as the
+  default delegate, and timed (median of `runs`). The sum approximates the
+  full model's latency minus fusion and partition-switch effects; whether each
+  op is delegated tells what falls off XNNPACK.
+
+  Returns:
+    One dict per (op type, delegated) sorted by total time: ``op``,
+    ``xnnpack``, ``count``, ``ms``, ``macs`` and ``gflops`` (for GEMM-like ops).
+
+  Example::
+
+      for row in profile_ops("m.tflite")[:5]:
+        print(row["op"], row["ms"])
+  """
+  import copy  # pylint: disable=g-import-not-at-top
+  from ai_edge_litert import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
+  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+  from ai_edge_litert.tools import flatbuffer_utils  # pylint: disable=g-import-not-at-top
+
+  with open(model_path, "rb") as f:
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(f.read()))
+  graph = model.subgraphs[0]
+  rng = np.random.default_rng(0)
+  totals: dict[tuple[str, bool], dict[str, Any]] = {}
+  for op in graph.operators:
+    name = flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
+    single = schema.ModelT()
+    single.version, single.operatorCodes = model.version, model.operatorCodes
+    single.buffers = [schema.BufferT()]
+    sub = schema.SubGraphT()
+    sub.tensors, remap, feeds = [], {}, []
+
+    def add(index, is_input):
+      if index < 0:
+        return -1
+      if index not in remap:
+        tensor = copy.copy(graph.tensors[index])
+        data = model.buffers[tensor.buffer].data if tensor.buffer else None
+        single.buffers.append(model.buffers[tensor.buffer] if data is not None and len(
+            data) else schema.BufferT())
+        tensor.buffer = len(single.buffers) - 1
+        remap[index] = len(sub.tensors)
+        sub.tensors.append(tensor)
+        if is_input and (data is None or not len(data)):
+          feeds.append(remap[index])
+      return remap[index]
+
+    cut = copy.copy(op)
+    cut.inputs = [add(i, True) for i in op.inputs]
+    cut.outputs = [add(i, False) for i in op.outputs]
+    sub.operators, sub.inputs, sub.outputs = [cut], sorted(set(feeds)), cut.outputs
+    single.subgraphs = [sub]
+    try:
+      interpreter = Interpreter(
+          model_content=bytes(flatbuffer_utils.convert_object_to_bytearray(single)),
+          num_threads=num_threads)
+      interpreter.allocate_tensors()
+      for d in interpreter.get_input_details():
+        if np.issubdtype(d["dtype"], np.integer):
+          value = rng.integers(-50, 50, d["shape"]).astype(d["dtype"])
+        else:
+          value = rng.standard_normal(d["shape"]).astype(d["dtype"])
+        interpreter.set_tensor(d["index"], value)
+      interpreter.invoke()
+      times = []
+      for _ in range(runs):
+        start = time.perf_counter()
+        interpreter.invoke()
+        times.append(time.perf_counter() - start)
+      ms = float(np.median(times)) * 1e3
+      delegated = any(o["op_name"] == "DELEGATE"
+                      for o in interpreter._get_ops_details())  # pylint: disable=protected-access
+    except (RuntimeError, ValueError):  # An op that cannot run alone: skip it.
+      continue
+    shapes = [list(graph.tensors[i].shape) for i in op.inputs if i >= 0]
+    out_shapes = [list(graph.tensors[i].shape) for i in op.outputs]
+    row = totals.setdefault((name, delegated), {"op": name, "xnnpack": delegated,
+                                                "count": 0, "ms": 0.0, "macs": 0})
+    row["count"] += 1
+    row["ms"] += ms
+    row["macs"] += _op_macs(name, shapes, out_shapes)
+  rows = sorted(totals.values(), key=lambda r: -r["ms"])
+  for row in rows:
+    row["gflops"] = 2 * row["macs"] / (row["ms"] * 1e-3) / 1e9 if row["macs"] else None
+  return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """CLI: prints :func:`measure`'s dict as JSON on the last line of stdout."""
+  parser = argparse.ArgumentParser(prog="python -m vit_edge.runtime.latency")
+  parser.add_argument("model")
+  parser.add_argument("--threads", type=int, default=1)
+  parser.add_argument("--runs", type=int, default=50)
+  parser.add_argument("--warmup", type=int, default=10)
+  parser.add_argument("--profile_ops", action="store_true",
+                      help="also time every op in isolation (see profile_ops)")
+  args = parser.parse_args(argv)
+  if not os.path.exists(args.model):
+    print(f"error: model file {args.model!r} does not exist.", file=sys.stderr)
+    return 2
+  if args.profile_ops:
+    rows = profile_ops(args.model, args.threads)
+    total = sum(r["ms"] for r in rows)
+    print(f"{args.model}: {total:.2f} ms summed over isolated ops")
+    for r in rows:
+      rate = f"{r['gflops']:.0f} GFLOP/s" if r["gflops"] else ""
+      print(f"  {r['op']:<20} {'xnnpack' if r['xnnpack'] else 'TFLITE':<8} "
+            f"x{r['count']:<4} {r['ms']:8.3f} ms {100 * r['ms'] / total:5.1f}%  {rate}")
+  print(json.dumps(measure(args.model, args.threads, args.runs, args.warmup)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
