@@ -710,8 +710,9 @@ def _int8_nodes_to_keep_float(tflite_model: bytes) -> list[str]:
   """Names of the int8 ops to re-quantise as float.
 
   Two kinds: ops with integer tensors that run outside XNNPACK, and ops whose
-  tensors are all statistics-sized (at most :data:`_SMALL_TENSOR` elements:
-  norm means and variances, pooled features, the classifier head). The latter
+  tensors are all statistics-sized (at most :data:`_SMALL_TENSOR` elements and
+  1/64 of the largest tensor: norm means and variances, pooled features, the
+  classifier head). The latter
   cost nothing in float, while one int8 scale per such tensor loses them (with
   them quantised, MobileViTv2's top-1 agreement with JAX fell to 29%).
   """
@@ -729,12 +730,16 @@ def _int8_nodes_to_keep_float(tflite_model: bytes) -> list[str]:
   for op in latency.undelegated_nodes(interpreter):
     if quantized(list(op["inputs"]) + list(op["outputs"])):
       names.append(tensors[op["outputs"][0]]["name"])
+  # "Statistics-sized" is relative, so that a small-input model still gets its
+  # feature maps quantised.
+  largest = max(int(np.prod(t["shape"])) for t in tensors.values())
+  small = min(_SMALL_TENSOR, largest // 64)
   for op in interpreter._get_ops_details():  # pylint: disable=protected-access
     if op["op_name"] in ("QUANTIZE", "DEQUANTIZE", "DELEGATE"):
       continue
     activations = quantized(list(op["inputs"]) + list(op["outputs"]))
     activations = [t for t in activations if t["name"] and "constant" not in t["name"]]
-    if activations and all(np.prod(t["shape"]) <= _SMALL_TENSOR for t in activations):
+    if activations and all(np.prod(t["shape"]) <= small for t in activations):
       names.append(tensors[op["outputs"][0]]["name"])
   return list(dict.fromkeys(names))
 
