@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_edge.models import layers
 from vit_edge.models import registry
 from vit_edge.models import tformer
 
@@ -122,6 +123,32 @@ def test_channel_shuffle_order():
   x = jnp.arange(8.0).reshape(1, 1, 1, 8)
   np.testing.assert_array_equal(tformer.channel_shuffle(x, 2)[0, 0, 0],
                                 [0, 4, 1, 5, 2, 6, 3, 7])
+
+
+@pytest.mark.parametrize("groups,mlp_ratio", [(2, 4), (1, 4), (4, 4), (2, 2)])
+def test_pcs_ffn_folded_shuffle_equals_explicit_shuffle(groups, mlp_ratio):
+  dim = 16
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 3, 5, dim), jnp.float32)
+  ffn = tformer.PCSFFN(mlp_ratio, groups)
+  params = ffn.init(jax.random.PRNGKey(1), x)["params"]
+  # Random biases, so that their order matters too.
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.PRNGKey(2), p.shape),
+                        params)
+
+  def conv(p, y):
+    return jax.lax.conv_general_dilated(
+        y, p["kernel"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups) + p["bias"]
+
+  hidden = tformer.channel_shuffle(conv(params["fc1"], x), groups)
+  want = conv(params["fc2"], layers.gelu(hidden))
+  got = ffn.apply({"params": params}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_shuffle_folding_orders_rejects_indivisible_width():
+  with pytest.raises(ValueError, match="divisible by groups"):
+    tformer.shuffle_folding_orders(6, 2)
 
 
 def test_train_vs_eval_dropout_and_drop_path():

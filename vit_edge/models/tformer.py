@@ -144,6 +144,8 @@ def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
 
   Channel ``g * (C / groups) + i`` moves to position ``i * groups + g``, as PyTorch's
   ``x.view(N, groups, C // groups, H, W).transpose(1, 2).reshape(N, C, H, W)``.
+  :class:`PCSFFN` folds it into its convs; this explicit form is the definition that
+  the folding is tested against.
   """
   *lead, c = x.shape
   x = x.reshape(*lead, groups, c // groups)
@@ -177,10 +179,68 @@ class HybridMixer(nn.Module):
                    name="proj")(mixed)
 
 
+def shuffle_folding_orders(hidden: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
+  """Static channel orders that fold PCS-FFN's channel shuffle into its two convs.
+
+  fc2's group ``h`` reads, after the shuffle, the chunk ``h`` (``m = hidden / groups^2``
+  channels) of every fc1 group's output, interleaved. So fc1 can emit its outputs as
+  blocks ``(h, g)`` = chunk ``h`` of group ``g`` (a ``groups^2``-group conv over the input
+  tiled ``groups`` times: block ``h * groups + g`` reads input block ``g``), and fc2's
+  kernel rows can be permuted within each group to read the blocks instead of the
+  interleaving. The function and the parameters are unchanged; the transpose of the
+  ``hidden``-channel map is gone (it cost as much as all int8 convs of a block at 224).
+
+  Returns:
+    ``fc1_out``: fc1 output channels in the folded order (index into fc1's kernel and
+    bias output axis); ``fc2_rows``: fc2 kernel input rows in the folded order (the
+    same for every group).
+
+  Example: ``shuffle_folding_orders(8, 2)`` gives fc1_out ``[0 1 4 5 2 3 6 7]`` and
+  fc2_rows ``[0 2 1 3]``.
+  """
+  if hidden % (groups * groups):
+    raise ValueError(f"PCS-FFN hidden width {hidden} must be divisible by groups^2 = "
+                     f"{groups * groups} for the channel shuffle to feed whole groups; "
+                     "change mlp_ratio or groups.")
+  per_group, m = hidden // groups, hidden // (groups * groups)
+  fc1_out = np.array([g * per_group + h * m + t for h in range(groups)
+                      for g in range(groups) for t in range(m)])
+  fc2_rows = np.array([t * groups + g for g in range(groups) for t in range(m)])
+  return fc1_out, fc2_rows
+
+
+class GroupConv1x1Params(nn.Module):
+  """The parameters of a 1x1 group conv, laid out as ``nn.Conv``'s (kernel, bias).
+
+  Attributes:
+    features: output channels.
+    in_per_group: input channels seen by each group (the kernel's input axis).
+  """
+
+  features: int
+  in_per_group: int
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", torch_conv_init,
+                        (1, 1, self.in_per_group, self.features), jnp.float32)
+    return kernel, self.param("bias", nn.initializers.zeros, (self.features,),
+                              jnp.float32)
+
+
+def _conv1x1(x: jax.Array, kernel: jax.Array, bias: jax.Array, groups: int) -> jax.Array:
+  y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), "VALID",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   feature_group_count=groups)
+  return y + bias.astype(x.dtype)
+
+
 class PCSFFN(nn.Module):
   """Partially connected FFN with channel shuffle (reconstruction).
 
   1x1 group conv d -> ratio*d, channel shuffle, GELU, 1x1 group conv ratio*d -> d.
+  Computed with the shuffle folded into the convs (:func:`shuffle_folding_orders`);
+  the parameters ``fc1``/``fc2`` are those of the unfolded convs (``nn.Conv`` layout).
 
   Attributes:
     mlp_ratio: hidden expansion.
@@ -194,16 +254,17 @@ class PCSFFN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    dim = x.shape[-1]
-    conv = functools.partial(nn.Conv, kernel_size=(1, 1),
-                             feature_group_count=self.groups, dtype=self.dtype,
-                             kernel_init=torch_conv_init)
-    x = conv(dim * self.mlp_ratio, name="fc1")(x)
+    dim, g = x.shape[-1], self.groups
+    hidden = dim * self.mlp_ratio
     # Without the shuffle each half of the output would only ever see its own half of
     # the input; the shuffle lets fc2's groups mix information from both fc1 groups.
-    x = channel_shuffle(x, self.groups)
-    x = layers.gelu(x)
-    return conv(dim, name="fc2")(x)
+    fc1_out, fc2_rows = shuffle_folding_orders(hidden, g)
+    k1, b1 = GroupConv1x1Params(hidden, dim // g, name="fc1")()
+    k2, b2 = GroupConv1x1Params(dim, hidden // g, name="fc2")()
+    x = x.astype(self.dtype)
+    h = _conv1x1(jnp.concatenate([x] * g, axis=-1) if g > 1 else x,
+                 k1[..., fc1_out], b1[fc1_out], g * g)
+    return _conv1x1(layers.gelu(h), k2[:, :, fc2_rows], b2, g)
 
 
 def group_norm(dtype: Dtype, name: str) -> nn.GroupNorm:
