@@ -278,12 +278,36 @@ def _sliced_projection(eqn, x, producers, read):
   if (_is_traced(rhs) or rhs.ndim != 2 or lhs_batch or tuple(rhs_contract) != (0,)
       or tuple(lhs_contract) != (lhs.ndim - 1,)):
     return None
-  out = producer.primitive.bind(
-      lhs, np.asarray(rhs)[:, start:limit],
-      **producer.primitive.get_bind_params(producer.params))
+  part = np.asarray(rhs)[:, start:limit]
+  out = _unit_axis_projection(producer, lhs, part)
+  if out is None:
+    out = producer.primitive.bind(lhs, part,
+                                  **producer.primitive.get_bind_params(producer.params))
   if bias is not None:
     out = out + np.broadcast_to(bias, bias.shape[:-1] + (x.shape[-1],))[..., start:limit]
   return out.astype(x.dtype)
+
+
+def _unit_axis_projection(eqn, lhs, rhs):
+  """``lhs @ rhs`` as a 1x1 convolution when lhs has a middle axis of size 1.
+
+  TF 2.21's converter folds such a projection into a BATCH_MATMUL of the wrong
+  rank and fails ("invalid output rank"): MobileViTv2 at 64 px (one patch per
+  block), EdgeViT at 32 px (one token per window). A 1x1 CONV_2D is the same
+  GEMM on XNNPACK. Returns None when `eqn` is not such a projection.
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, _) = eqn.params["dimension_numbers"]
+  if (_is_traced(rhs) or rhs.ndim != 2 or lhs.ndim not in (3, 4) or lhs_batch
+      or tuple(rhs_contract) != (0,) or tuple(lhs_contract) != (lhs.ndim - 1,)
+      or 1 not in lhs.shape[1:-1]):
+    return None
+  import jax  # pylint: disable=g-import-not-at-top
+  image = lhs if lhs.ndim == 4 else lhs[:, :, None, :]
+  out = jax.lax.conv_general_dilated(
+      image, np.asarray(rhs, lhs.dtype)[None, None], (1, 1), "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      preferred_element_type=eqn.params.get("preferred_element_type"))
+  return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
 def _constant_value(atom, producers, read) -> Optional[np.ndarray]:
@@ -490,6 +514,9 @@ def _eval_rewritten(jaxpr, consts, args, gelu: str, split_projections: bool = Fa
     elif (name == "slice" and split_projections
           and (outs := _sliced_projection(eqn, invals[0], producers, read))
           is not None):
+      pass
+    elif name == "dot_general" and (outs := _unit_axis_projection(
+        eqn, invals[0], invals[1])) is not None:
       pass
     elif name == "slice" and eqn.params.get("strides") and any(
         s != 1 for s in eqn.params["strides"]):
@@ -753,9 +780,9 @@ def _convert(converter, image_size: int) -> bytes:
       raise ValueError(
           f"The TFLite converter of TF 2.21 cannot lower a matmul whose token or "
           f"patch dimension has size 1, which image_size={image_size} produces for "
-          "this model (e.g. one token per attention window, or one patch per "
-          "MobileViT block). Export at a larger image_size (the model's reference "
-          "resolution, or at least 4x its total stride).") from e
+          "this model, and the export's unit-axis rewrite (_unit_axis_projection) "
+          "did not cover this one. Export at a larger image_size (the model's "
+          "reference resolution, or at least 4x its total stride).") from e
     raise
 
 
