@@ -18,6 +18,7 @@ from vit_edge.runtime import classify
 from vit_edge.runtime import latency
 from vit_edge.runtime import metadata as metadata_lib
 from vit_edge.runtime import transforms
+from vit_edge.tools import digit_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TFORMER = {"depths": (1, 1, 1, 1), "widths": (8, 16, 24, 32)}
@@ -35,13 +36,22 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def digit_images(tmp_path_factory):
   """A digits test image as PNG and JPEG (upscaled so JPEG keeps the shape)."""
-  images, labels = input_pipeline._digits_arrays()["test"]  # pylint: disable=protected-access
   folder = tmp_path_factory.mktemp("images")
-  pil = Image.fromarray(images[0][..., 0]).resize((64, 64), Image.Resampling.NEAREST)
   png, jpg = str(folder / "digit.png"), str(folder / "digit.jpg")
-  pil.save(png)
-  pil.convert("RGB").save(jpg, quality=95)
-  return {"png": png, "jpg": jpg, "label": int(labels[0])}
+  label = digit_image.write_digit(png, index=0, size=64)
+  assert digit_image.write_digit(jpg, index=0, size=64) == label
+  return {"png": png, "jpg": jpg, "label": label}
+
+
+def test_digit_image_tool_writes_the_test_digit(tmp_path):
+  images, labels = input_pipeline.digits_arrays()["test"]
+  out = str(tmp_path / "d.png")
+  assert digit_image.write_digit(out, index=7, size=16) == labels[7]
+  pixels = np.asarray(Image.open(out))
+  assert pixels.shape == (16, 16, 3)
+  np.testing.assert_array_equal(pixels[::2, ::2, 0], images[7][..., 0])
+  with pytest.raises(ValueError, match="out of range"):
+    digit_image.write_digit(out, index=360)
 
 
 def test_metadata_reader_agrees_with_flatbuffer_schema(model_path):

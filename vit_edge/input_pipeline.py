@@ -166,7 +166,11 @@ def _in_memory_source(name: str, label_names: Sequence[str],
 
 
 @functools.lru_cache(maxsize=1)
-def _digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """scikit-learn's digits as {"train", "test"}: (uint8 [N, 8, 8, 1], int32 [N]).
+
+  The fixed stratified split (1437 / 360) that the embedded data set serves.
+  """
   from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   digits = sk_datasets.load_digits()
@@ -180,7 +184,7 @@ def _digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def _digits_source() -> _Source:
-  return _in_memory_source("digits", [str(d) for d in range(10)], _digits_arrays(),
+  return _in_memory_source("digits", [str(d) for d in range(10)], digits_arrays(),
                            _to_rgb)
 
 
