@@ -215,16 +215,25 @@ def test_metadata_round_trip_and_replacement():
   assert runner.input_name == "image" and runner.output_names == ["logits", "probs"]
 
 
-def test_bench_writes_table_csv_and_plot(tmp_path, capsys):
+def test_bench_writes_table_csv_and_plot(trained_workdir, tmp_path, capsys):
   result = bench.run_benchmark(["edgevit_xxs"], image_size=64,
                                quantize_modes=["none"], threads=[1], runs=3,
-                               warmup=1, out_dir=str(tmp_path), max_eval_examples=8)
-  (row,) = result["rows"]
-  assert row.median_ms > 0 and row.gmacs > 0 and row.size_mb > 0
-  assert 0 < row.matmul_fraction and result["matmul"]["flops_per_s"] > 1e9
+                               warmup=1, out_dir=str(tmp_path), max_eval_examples=8,
+                               workdirs=[trained_workdir])
+  random_row, trained_row = result["rows"]
+  for row in (random_row, trained_row):
+    assert row.median_ms > 0 and row.gmacs > 0 and row.size_mb > 0
+    assert 0 < row.matmul_fraction
+  assert result["matmul"]["flops_per_s"] > 1e9
+  assert trained_row.source == "checkpoint" and trained_row.image_size == 32
+  assert trained_row.top1_accuracy is not None
   for name in ("bench.md", "bench.csv", "bench.json", "bench.png"):
     assert (tmp_path / name).stat().st_size > 0
-  assert "| edgevit_xxs | none | 1 |" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "| edgevit_xxs | 64 | none | 1 |" in out
+  assert "| tformer_s (ckpt) | 32 | none | 1 |" in out
+  with pytest.raises(FileNotFoundError, match="not a training run"):
+    bench.run_benchmark([], workdirs=[str(tmp_path / "missing")], out_dir=str(tmp_path))
 
 
 def test_workdir_export_at_another_resolution(trained_workdir, tmp_path):

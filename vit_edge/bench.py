@@ -4,11 +4,11 @@ Usage::
 
     python -m vit_edge.bench --models=edgevit_xxs,mobilevitv2_100,tformer_s \
         --image_size=224 --quantize=none,fp16,dynamic,int8 --threads=1,2 \
-        --runs=50 --warmup=10 --out_dir=bench_out [--workdir=W]
+        --runs=50 --warmup=10 --out_dir=bench_out [--workdirs=W1,W2,...]
 
 For every model and quantisation mode it exports a .tflite (randomly initialised,
-calibrated on the embedded digits data; or, for the model of ``--workdir``, its
-trained checkpoint), then reports:
+calibrated on the embedded digits data; or, for each training run of
+``--workdirs``, its trained checkpoint), then reports:
 
 * params and MACs (conv + matmul multiply-accumulates, from
   :func:`vit_edge.complexity.model_complexity`);
@@ -19,8 +19,9 @@ trained checkpoint), then reports:
 * peak memory: that subprocess's peak resident set minus its resident set after
   importing numpy and LiteRT (model, tensor arena, packed weights);
 * top-1 agreement with JAX on the digits test split (360 images), and, for the
-  model of ``--workdir`` (an extra set of rows, exported from its checkpoint at
-  its training resolution), agreement and top-1 accuracy on its eval split;
+  model of each ``--workdirs`` run (an extra set of rows, exported from its
+  checkpoint at its training resolution), agreement and top-1 accuracy on its
+  eval split;
 * the machine's single-thread fp32 matmul rate, measured in the same run on a
   TFLite FULLY_CONNECTED (XNNPACK GEMM, like for like with the models' own
   GEMMs; the best of three shapes), and each model's achieved fraction of it:
@@ -145,12 +146,10 @@ def matmul_rate(out_dir: str, runs: int, warmup: int) -> dict[str, Any]:
           "method": "TFLite FULLY_CONNECTED fp32, XNNPACK, 1 thread, median"}
 
 
-def _workdir_model(workdir: Optional[str]) -> Optional[str]:
-  if not workdir:
-    return None
+def _workdir_model(workdir: str) -> str:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: --workdir={workdir!r} is not a "
+    raise FileNotFoundError(f"{path} does not exist: workdir {workdir!r} is not a "
                             "training run. Train first (python -m vit_edge.main).")
   with open(path) as f:
     return json.load(f)["model"]
@@ -179,7 +178,7 @@ def _complexity(name: str, image_size: int, workdir: Optional[str]):
 def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224,
                   quantize_modes: Sequence[str] = ("none", "fp16", "dynamic", "int8"),
                   threads: Sequence[int] = (1, 2), runs: int = 50, warmup: int = 10,
-                  out_dir: str = "bench_out", workdir: Optional[str] = None,
+                  out_dir: str = "bench_out", workdirs: Sequence[str] = (),
                   num_calibration_samples: int = 200,
                   max_eval_examples: Optional[int] = None,
                   gelu: str = "tanh", reuse_exports: bool = False,
@@ -201,11 +200,10 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
     raise ValueError(f"runs={runs} must be >= 1, warmup={warmup} >= 0 and threads="
                      f"{list(threads)} positive.")
   os.makedirs(out_dir, exist_ok=True)
-  trained = _workdir_model(workdir)
-  # Registry models (random init), then the workdir's model from its checkpoint.
-  entries = [(name, False) for name in model_names]
-  if trained:
-    entries.append((trained, True))
+  # Registry models (random init), then each workdir's model from its checkpoint
+  # (the names are read first, so that a wrong path fails before any export).
+  entries = [(name, None) for name in model_names]
+  entries += [(_workdir_model(w), w) for w in workdirs]
   machine = {"processor": _cpu_name(), "cpus": os.cpu_count(),
              "python": platform.python_version(),
              "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
@@ -214,12 +212,13 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
   print(f"  {matmul['flops_per_s'] / 1e9:.1f} GFLOP/s ({matmul['shape']}).",
         flush=True)
   rows: list[Row] = []
-  for name, from_workdir in entries:
+  for name, workdir in entries:
+    from_workdir = workdir is not None
     size = image_size
     if from_workdir:
       with open(os.path.join(workdir, "config.json")) as f:
         size = json.load(f)["image_size"]
-    stats = _complexity(name, size or 224, workdir if from_workdir else None)
+    stats = _complexity(name, size or 224, workdir)
     size = size or 224
     fp32_ms: dict[int, float] = {}
     for mode in quantize_modes:
@@ -286,14 +285,14 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 def markdown_table(rows: Sequence[Row]) -> str:
   """The rows as a Markdown table (what the CLI prints)."""
-  header = ("| model | quant | thr | params (M) | GMACs | size (MB) | median ms | "
+  header = ("| model | res | quant | thr | params (M) | GMACs | size (MB) | median ms | "
             "p90 ms | min ms | peak MB | x fp32 | matmul frac | top-1 agree | top-1 acc | "
             "XNNPACK parts | off XNNPACK |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   for r in rows:
     model = r.model + (" (ckpt)" if r.source == "checkpoint" else "")
     lines.append(
-        f"| {model} | {r.quantize} | {r.threads} | {r.params_m:.2f} | "
+        f"| {model} | {r.image_size} | {r.quantize} | {r.threads} | {r.params_m:.2f} | "
         f"{r.gmacs:.3f} | {r.size_mb:.2f} | {r.median_ms:.2f} | {r.p90_ms:.2f} | "
         f"{r.min_ms:.2f} | "
         f"{r.peak_mb:.1f} | {_fmt(r.speedup_vs_fp32, '.2f')} | "
@@ -371,9 +370,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   parser.add_argument("--threads", default="1,2")
   parser.add_argument("--runs", type=int, default=50)
   parser.add_argument("--warmup", type=int, default=10)
-  parser.add_argument("--workdir", default=None,
-                      help="a training run: its model is exported from the "
-                           "checkpoint and its accuracy reported")
+  parser.add_argument("--workdirs", default="",
+                      help="comma-separated training runs: each model is exported "
+                           "from its checkpoint and its accuracy reported")
   parser.add_argument("--num_calibration_samples", type=int, default=200)
   parser.add_argument("--max_eval_examples", type=int, default=None,
                       help="cap on the agreement pass (default: 360 digits / the "
@@ -396,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   result = run_benchmark(
       _csv_list(args.models), image_size=args.image_size,
       quantize_modes=_csv_list(args.quantize), threads=threads, runs=args.runs,
-      warmup=args.warmup, out_dir=args.out_dir, workdir=args.workdir,
+      warmup=args.warmup, out_dir=args.out_dir, workdirs=_csv_list(args.workdirs),
       num_calibration_samples=args.num_calibration_samples,
       max_eval_examples=args.max_eval_examples, gelu=args.gelu,
       reuse_exports=args.reuse_exports, profile_ops=args.profile_ops)
