@@ -9,8 +9,9 @@ Published ImageNet-1K recipe (TFDS imagenet2012 prepared in DATA_DIR)::
     python -m vit_edge.main --config=configs/vit_large_patch16.py:imagenet --config.data_dir=DATA_DIR \
         --workdir=workdir/vit_large_patch16_imagenet
 
-Expected results: digits default not yet measured (README "Results on the embedded
-data"); ImageNet: the published top-1 in the README model table.
+Expected results: digits default, 95.56% eval top-1 after 330 steps (measured,
+README "Results on the embedded data"); ImageNet: the published top-1 in the
+README model table.
 """
 
 from vit_edge import recipes

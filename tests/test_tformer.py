@@ -126,7 +126,7 @@ def test_channel_shuffle_order():
 
 
 @pytest.mark.parametrize("groups,mlp_ratio", [(2, 4), (1, 4), (4, 4), (2, 2)])
-def test_pcs_ffn_folded_shuffle_equals_explicit_shuffle(groups, mlp_ratio):
+def test_pcs_ffn_equals_explicit_shuffle_folded_or_not(groups, mlp_ratio):
   dim = 16
   x = jnp.asarray(np.random.RandomState(0).randn(2, 3, 5, dim), jnp.float32)
   ffn = tformer.PCSFFN(mlp_ratio, groups)
@@ -142,7 +142,19 @@ def test_pcs_ffn_folded_shuffle_equals_explicit_shuffle(groups, mlp_ratio):
 
   hidden = tformer.channel_shuffle(conv(params["fc1"], x), groups)
   want = conv(params["fc2"], layers.gelu(hidden))
-  got = ffn.apply({"params": params}, x)
+  np.testing.assert_allclose(ffn.apply({"params": params}, x), want, rtol=1e-5,
+                             atol=1e-5)
+  folded = tformer.PCSFFN(mlp_ratio, groups, fold_shuffle=True)
+  np.testing.assert_allclose(folded.apply({"params": params}, x), want, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_export_friendly_model_is_the_same_function():
+  model = tformer.TFormer(**TINY)
+  x = _input()
+  variables = _init(model, x)
+  want, _ = _apply(model, variables, x)
+  got, _ = _apply(model.clone(export_friendly=True), variables, x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

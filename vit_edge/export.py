@@ -65,6 +65,14 @@ delegate, does not run or that the converter lowers badly:
 * For ``int8`` only: a projection whose output is sliced along its last axis
   (MobileViTv2's fused query/key/value) becomes one product per slice, so each
   part gets its own int8 scale.
+* A projection of a map with a size-1 token or patch axis (EdgeViT at 32 px,
+  MobileViTv2 at 64 px) becomes a 1x1 convolution: the converter folds it into a
+  BATCH_MATMUL of the wrong rank and fails otherwise.
+
+A model with an ``export_friendly`` field is traced with it set: the same
+function and parameters in the form that converts best (TFormer: PCS-FFN's
+channel shuffle folded into its group convs, no transpose; int8 tformer_s at 224
+went from 9.2 to 7.9 ms).
 
 Example::
 
@@ -565,6 +573,8 @@ def inference_function(model, variables, image_size: int, channels: int = 3,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   _check_gelu(gelu)
+  if hasattr(model, "export_friendly"):  # Same function, TFLite-friendly form.
+    model = model.clone(export_friendly=True)
 
   def forward(variables, image):
     logits, _ = model.apply(variables, image, train=False)

@@ -144,8 +144,7 @@ def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
 
   Channel ``g * (C / groups) + i`` moves to position ``i * groups + g``, as PyTorch's
   ``x.view(N, groups, C // groups, H, W).transpose(1, 2).reshape(N, C, H, W)``.
-  :class:`PCSFFN` folds it into its convs; this explicit form is the definition that
-  the folding is tested against.
+  :class:`PCSFFN` applies it, or with ``fold_shuffle`` folds it into its convs.
   """
   *lead, c = x.shape
   x = x.reshape(*lead, groups, c // groups)
@@ -239,17 +238,22 @@ class PCSFFN(nn.Module):
   """Partially connected FFN with channel shuffle (reconstruction).
 
   1x1 group conv d -> ratio*d, channel shuffle, GELU, 1x1 group conv ratio*d -> d.
-  Computed with the shuffle folded into the convs (:func:`shuffle_folding_orders`);
-  the parameters ``fc1``/``fc2`` are those of the unfolded convs (``nn.Conv`` layout).
+  With ``fold_shuffle`` the shuffle is folded into the convs
+  (:func:`shuffle_folding_orders`): the same function from the same parameters
+  (``fc1``/``fc2`` in ``nn.Conv`` layout either way), without the transpose, which is
+  what a TFLite CPU graph wants; XLA on a CPU trains the unfolded form faster (a 4-group
+  conv plus the kernel gathers cost ~1.4x a 56x56 block's fwd+bwd), so training keeps it.
 
   Attributes:
     mlp_ratio: hidden expansion.
     groups: group count of both 1x1 convs and of the shuffle.
+    fold_shuffle: compute the folded form.
     dtype: compute dtype.
   """
 
   mlp_ratio: int = 4
   groups: int = 2
+  fold_shuffle: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -262,6 +266,9 @@ class PCSFFN(nn.Module):
     k1, b1 = GroupConv1x1Params(hidden, dim // g, name="fc1")()
     k2, b2 = GroupConv1x1Params(dim, hidden // g, name="fc2")()
     x = x.astype(self.dtype)
+    if not self.fold_shuffle:
+      h = channel_shuffle(_conv1x1(x, k1, b1, g), g)
+      return _conv1x1(layers.gelu(h), k2, b2, g)
     h = _conv1x1(jnp.concatenate([x] * g, axis=-1) if g > 1 else x,
                  k1[..., fc1_out], b1[fc1_out], g * g)
     return _conv1x1(layers.gelu(h), k2[:, :, fc2_rows], b2, g)
@@ -282,6 +289,7 @@ class TFormerBlock(nn.Module):
     mlp_ratio: PCS-FFN expansion.
     groups: PCS-FFN group count.
     layer_scale_init: initial value of both layer-scale vectors.
+    fold_shuffle: see :class:`PCSFFN`.
     dtype: compute dtype.
   """
 
@@ -289,6 +297,7 @@ class TFormerBlock(nn.Module):
   mlp_ratio: int = 4
   groups: int = 2
   layer_scale_init: float = 1e-5
+  fold_shuffle: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -303,7 +312,8 @@ class TFormerBlock(nn.Module):
     y = HybridMixer(dtype=self.dtype, name="token_mixer")(y)
     x = x + drop(ls1.astype(y.dtype) * y, deterministic=not train)
     y = group_norm(self.dtype, "norm2")(x)
-    y = PCSFFN(self.mlp_ratio, self.groups, dtype=self.dtype, name="mlp")(y)
+    y = PCSFFN(self.mlp_ratio, self.groups, self.fold_shuffle, dtype=self.dtype,
+               name="mlp")(y)
     return x + drop(ls2.astype(y.dtype) * y, deterministic=not train)
 
 
@@ -350,6 +360,9 @@ class TFormer(nn.Module):
     num_classes: head size (0 = no head; logits are the pooled features).
     drop_path_rate: stochastic depth, rising linearly over all blocks to this value.
     dropout_rate: dropout on the pooled features before the head.
+    export_friendly: compute the same function in the form that converts best to
+      TFLite (PCS-FFN's shuffle folded into its convs, see :class:`PCSFFN`); the
+      exporter turns it on, training leaves it off.
     dtype: compute dtype (parameters stay float32).
   """
 
@@ -361,6 +374,7 @@ class TFormer(nn.Module):
   num_classes: int = 1000
   drop_path_rate: float = 0.0
   dropout_rate: float = 0.0
+  export_friendly: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -379,7 +393,8 @@ class TFormer(nn.Module):
       for j in range(depth):
         x = TFormerBlock(drop_path=rates[i][j], mlp_ratio=self.mlp_ratio,
                          groups=self.ffn_groups, layer_scale_init=self.layer_scale_init,
-                         dtype=self.dtype, name=f"network_{2 * i}_{j}")(x, train)
+                         fold_shuffle=self.export_friendly, dtype=self.dtype,
+                         name=f"network_{2 * i}_{j}")(x, train)
       aux[f"stage{i + 1}"] = x
 
     x = group_norm(self.dtype, "norm")(x)
