@@ -9,8 +9,9 @@ Published ImageNet-1K recipe (TFDS imagenet2012 prepared in DATA_DIR)::
     python -m vit_edge.main --config=configs/mobilevitv2_200.py:imagenet --config.data_dir=DATA_DIR \
         --workdir=workdir/mobilevitv2_200_imagenet
 
-Expected results: digits default not yet measured (README "Results on the embedded
-data"); ImageNet: the published top-1 in the README model table.
+Expected results: digits default, 98.33% eval top-1 after 176 steps (measured,
+README "Results on the embedded data"); ImageNet: the published top-1 in the
+README model table.
 """
 
 from vit_edge import recipes
