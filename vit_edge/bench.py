@@ -146,23 +146,23 @@ def matmul_rate(out_dir: str, runs: int, warmup: int) -> dict[str, Any]:
           "method": "TFLite FULLY_CONNECTED fp32, XNNPACK, 1 thread, median"}
 
 
-def _workdir_model(workdir: str) -> str:
+def _run_config(workdir: str) -> dict[str, Any]:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: workdir {workdir!r} is not a "
                             "training run. Train first (python -m vit_edge.main).")
   with open(path) as f:
-    return json.load(f)["model"]
+    return json.load(f)
 
 
-def _complexity(name: str, image_size: int, workdir: Optional[str]):
+def _complexity(name: str, image_size: int, workdir: Optional[str],
+                run_config: Optional[dict[str, Any]]):
   from vit_edge import complexity  # pylint: disable=g-import-not-at-top
   from vit_edge import models  # pylint: disable=g-import-not-at-top
   if workdir:
     from vit_edge import train  # pylint: disable=g-import-not-at-top
     import ml_collections  # pylint: disable=g-import-not-at-top
-    with open(os.path.join(workdir, "config.json")) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(run_config)
     with open(os.path.join(workdir, "dataset_info.json")) as f:
       num_classes = json.load(f)["num_classes"]
     with config.unlocked():
@@ -201,9 +201,11 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
                      f"{list(threads)} positive.")
   os.makedirs(out_dir, exist_ok=True)
   # Registry models (random init), then each workdir's model from its checkpoint
-  # (the names are read first, so that a wrong path fails before any export).
-  entries = [(name, None) for name in model_names]
-  entries += [(_workdir_model(w), w) for w in workdirs]
+  # (the configs are read first, so that a wrong path fails before any export).
+  entries = [(name, None, None) for name in model_names]
+  for w in workdirs:
+    run_config = _run_config(w)
+    entries.append((run_config["model"], w, run_config))
   machine = {"processor": _cpu_name(), "cpus": os.cpu_count(),
              "python": platform.python_version(),
              "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
@@ -212,13 +214,10 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
   print(f"  {matmul['flops_per_s'] / 1e9:.1f} GFLOP/s ({matmul['shape']}).",
         flush=True)
   rows: list[Row] = []
-  for name, workdir in entries:
+  for name, workdir, run_config in entries:
     from_workdir = workdir is not None
-    size = image_size
-    if from_workdir:
-      with open(os.path.join(workdir, "config.json")) as f:
-        size = json.load(f)["image_size"]
-    stats = _complexity(name, size or 224, workdir)
+    size = run_config["image_size"] if from_workdir else image_size
+    stats = _complexity(name, size or 224, workdir, run_config)
     size = size or 224
     fp32_ms: dict[int, float] = {}
     for mode in quantize_modes:

@@ -282,33 +282,32 @@ def _sliced_projection(eqn, x, producers, read):
   if producer is None or producer.primitive.name != "dot_general":
     return None
   lhs, rhs = read(producer.invars[0]), read(producer.invars[1])
-  (lhs_contract, rhs_contract), (lhs_batch, _) = producer.params["dimension_numbers"]
-  if (_is_traced(rhs) or rhs.ndim != 2 or lhs_batch or tuple(rhs_contract) != (0,)
-      or tuple(lhs_contract) != (lhs.ndim - 1,)):
+  if not _is_projection(producer, lhs, rhs):
     return None
-  part = np.asarray(rhs)[:, start:limit]
-  out = _unit_axis_projection(producer, lhs, part)
-  if out is None:
-    out = producer.primitive.bind(lhs, part,
-                                  **producer.primitive.get_bind_params(producer.params))
+  out = _projection(producer, lhs, np.asarray(rhs)[:, start:limit])
   if bias is not None:
     out = out + np.broadcast_to(bias, bias.shape[:-1] + (x.shape[-1],))[..., start:limit]
   return out.astype(x.dtype)
 
 
-def _unit_axis_projection(eqn, lhs, rhs):
-  """``lhs @ rhs`` as a 1x1 convolution when lhs has a middle axis of size 1.
-
-  TF 2.21's converter folds such a projection into a BATCH_MATMUL of the wrong
-  rank and fails ("invalid output rank"): MobileViTv2 at 64 px (one patch per
-  block), EdgeViT at 32 px (one token per window). A 1x1 CONV_2D is the same
-  GEMM on XNNPACK. Returns None when `eqn` is not such a projection.
-  """
+def _is_projection(eqn, lhs, rhs) -> bool:
+  """Whether dot_general `eqn` is ``lhs @ W`` over lhs's last axis, W constant 2-D."""
   (lhs_contract, rhs_contract), (lhs_batch, _) = eqn.params["dimension_numbers"]
-  if (_is_traced(rhs) or rhs.ndim != 2 or lhs.ndim not in (3, 4) or lhs_batch
-      or tuple(rhs_contract) != (0,) or tuple(lhs_contract) != (lhs.ndim - 1,)
-      or 1 not in lhs.shape[1:-1]):
-    return None
+  return (not _is_traced(rhs) and rhs.ndim == 2 and not lhs_batch
+          and tuple(rhs_contract) == (0,) and tuple(lhs_contract) == (lhs.ndim - 1,))
+
+
+def _projection(eqn, lhs, rhs):
+  """The projection `eqn` (see _is_projection) of `lhs` by `rhs`.
+
+  When lhs has a middle axis of size 1 it is computed as a 1x1 convolution: TF
+  2.21's converter folds such a product into a BATCH_MATMUL of the wrong rank and
+  fails ("invalid output rank"): MobileViTv2 at 64 px (one patch per block),
+  EdgeViT at 32 px (one token per window). A 1x1 CONV_2D is the same GEMM on
+  XNNPACK. Otherwise the original product.
+  """
+  if lhs.ndim not in (3, 4) or 1 not in lhs.shape[1:-1]:
+    return eqn.primitive.bind(lhs, rhs, **eqn.primitive.get_bind_params(eqn.params))
   import jax  # pylint: disable=g-import-not-at-top
   image = lhs if lhs.ndim == 4 else lhs[:, :, None, :]
   out = jax.lax.conv_general_dilated(
@@ -523,9 +522,8 @@ def _eval_rewritten(jaxpr, consts, args, gelu: str, split_projections: bool = Fa
           and (outs := _sliced_projection(eqn, invals[0], producers, read))
           is not None):
       pass
-    elif name == "dot_general" and (outs := _unit_axis_projection(
-        eqn, invals[0], invals[1])) is not None:
-      pass
+    elif name == "dot_general" and _is_projection(eqn, *invals):
+      outs = _projection(eqn, *invals)
     elif name == "slice" and eqn.params.get("strides") and any(
         s != 1 for s in eqn.params["strides"]):
       outs = _strided_slice(invals[0], eqn.params["start_indices"],
@@ -790,7 +788,7 @@ def _convert(converter, image_size: int) -> bytes:
       raise ValueError(
           f"The TFLite converter of TF 2.21 cannot lower a matmul whose token or "
           f"patch dimension has size 1, which image_size={image_size} produces for "
-          "this model, and the export's unit-axis rewrite (_unit_axis_projection) "
+          "this model, and the export's unit-axis rewrite (_projection) "
           "did not cover this one. Export at a larger image_size (the model's "
           "reference resolution, or at least 4x its total stride).") from e
     raise

@@ -86,7 +86,6 @@ The Flax tree mirrors it with ``network.K.J`` -> ``network_K_J``, ``network.K`` 
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -262,13 +261,13 @@ class PCSFFN(nn.Module):
     hidden = dim * self.mlp_ratio
     # Without the shuffle each half of the output would only ever see its own half of
     # the input; the shuffle lets fc2's groups mix information from both fc1 groups.
-    fc1_out, fc2_rows = shuffle_folding_orders(hidden, g)
     k1, b1 = GroupConv1x1Params(hidden, dim // g, name="fc1")()
     k2, b2 = GroupConv1x1Params(dim, hidden // g, name="fc2")()
     x = x.astype(self.dtype)
     if not self.fold_shuffle:
       h = channel_shuffle(_conv1x1(x, k1, b1, g), g)
       return _conv1x1(layers.gelu(h), k2, b2, g)
+    fc1_out, fc2_rows = shuffle_folding_orders(hidden, g)
     h = _conv1x1(jnp.concatenate([x] * g, axis=-1) if g > 1 else x,
                  k1[..., fc1_out], b1[fc1_out], g * g)
     return _conv1x1(layers.gelu(h), k2[:, :, fc2_rows], b2, g)
