@@ -1,6 +1,7 @@
 """The input pipeline on digits, a generated image folder and a mocked TFDS set."""
 
 import collections
+import gzip
 
 import ml_collections
 import numpy as np
@@ -265,3 +266,91 @@ def test_unprepared_tfds_set_names_the_build_command(tmp_path):
   message = str(error.value)
   assert "manual download" in message and "ILSVRC2012_img_train.tar" in message
   assert f"tfds build imagenet2012 --data_dir={tmp_path} --manual_dir=" in message
+
+
+# ----------------------------------------------------------------------------------
+# Fashion-MNIST (IDX files).
+
+
+def _write_idx(path, array):
+  """An unsigned-byte IDX file; gzipped when the name ends in .gz."""
+  header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _write_tiny_fashion(root, num_train=12, num_test=5):
+  """Images whose every pixel is 20 * label + split offset: labels are readable."""
+  for prefix, n, gz, offset in (("train", num_train, ".gz", 0),
+                                ("t10k", num_test, "", 5)):
+    labels = np.arange(n) % 10
+    images = np.broadcast_to((20 * labels + offset)[:, None, None], (n, 28, 28))
+    _write_idx(root / f"{prefix}-images-idx3-ubyte{gz}", images)
+    _write_idx(root / f"{prefix}-labels-idx1-ubyte{gz}", labels)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_fashion_mnist_reads_idx_files_through_the_pipeline(tmp_path, cache):
+  _write_tiny_fashion(tmp_path)  # train gzipped, test plain.
+  config = _config(dataset="fashion_mnist", data_dir=str(tmp_path), image_size=28,
+                   train_split="train[:50%]", cache=cache, aug=dict(hflip=True))
+  info = input_pipeline.get_info(config)
+  assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (
+      10, 6, 5)
+  assert info.label_names[0] == "T-shirt/top" and info.label_names[9] == "Ankle boot"
+  train = input_pipeline.create_train_iterator(config, local_batch_size=3,
+                                               **MEAN_0_STD_1)
+  batches = _take(train, 4)  # Two epochs of the 6 examples.
+  for batch in batches:
+    assert batch["image"].shape == (3, 28, 28, 3)
+    np.testing.assert_allclose(batch["image"], np.broadcast_to(
+        (20 * batch["label"] / 255.0)[:, None, None, None], (3, 28, 28, 3)),
+                               atol=1e-6)
+  assert sorted(np.concatenate([b["label"] for b in batches[:2]])) == list(range(6))
+  resumed = _take(input_pipeline.create_train_iterator(
+      config, local_batch_size=3, start_step=3, **MEAN_0_STD_1), 1)
+  np.testing.assert_array_equal(batches[3]["label"], resumed[0]["label"])
+  evals = list(input_pipeline.create_eval_iterator(config, local_batch_size=4,
+                                                   **MEAN_0_STD_1))
+  labels = np.concatenate([b["label"] for b in evals])[:5]
+  np.testing.assert_array_equal(labels, np.arange(5))
+  images = np.concatenate([b["image"] for b in evals])[:5]
+  np.testing.assert_allclose(images[:, 0, 0, 0], (20 * labels + 5) / 255.0, atol=1e-6)
+
+
+def test_fashion_mnist_errors_name_the_file_and_the_fix(tmp_path):
+  config = _config(dataset="fashion_mnist", data_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError) as error:
+    input_pipeline.get_info(config)
+  message = str(error.value)
+  assert str(tmp_path / "train-images-idx3-ubyte") in message
+  assert "sudo apt-get install dataset-fashion-mnist" in message
+  assert "--config.data_dir" in message and "tfds:fashion_mnist" in message
+  (tmp_path / "wrong").mkdir()
+  _write_tiny_fashion(tmp_path / "wrong")
+  # Labels where images belong: the magic number names the file.
+  labels = tmp_path / "wrong" / "t10k-labels-idx1-ubyte"
+  (tmp_path / "wrong" / "t10k-images-idx3-ubyte").write_bytes(labels.read_bytes())
+  with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte is not an unsigned-"
+                     r"byte IDX file with 3 dimension\(s\)"):
+    input_pipeline.get_info(_config(dataset="fashion_mnist",
+                                    data_dir=str(tmp_path / "wrong")))
+  # "tfds:" picks TFDS's copy of the same name, which is not prepared here.
+  with pytest.raises(FileNotFoundError, match="tfds build fashion_mnist"):
+    input_pipeline.get_info(_config(dataset="tfds:fashion_mnist",
+                                    data_dir=str(tmp_path)))
+
+
+def test_fashion_mnist_installed_package():
+  # CI installs Debian's dataset-fashion-mnist (.ci/run): no skip.
+  config = _config(dataset="fashion_mnist", eval_split="test[:16]")
+  info = input_pipeline.get_info(config)
+  assert (info.num_train_examples, info.num_eval_examples) == (60_000, 16)
+  train_x, train_y = input_pipeline.fashion_mnist_arrays()["train"]
+  assert train_x.shape == (60_000, 28, 28, 1) and train_x.dtype == np.uint8
+  assert np.bincount(train_y).tolist() == [6000] * 10
+  batch = next(iter(input_pipeline.create_eval_iterator(config, local_batch_size=16,
+                                                        **MEAN_0_STD_1)))
+  assert batch["label"][0] == 9  # The first test image is an ankle boot.
+  assert batch["image"].shape == (16, 12, 12, 3) and batch["image"].max() > 0.5

@@ -6,11 +6,18 @@ Data sets (``config.dataset``):
   shipped with scikit-learn so nothing is downloaded. A fixed seeded stratified
   split gives ``"train"`` (1437) and ``"test"`` (360). Pixels 0..16 are scaled to
   0..255 and the grey channel is repeated to RGB.
+* ``"fashion_mnist"``: Fashion-MNIST (60,000 train / 10,000 test, 28x28 grey,
+  10 classes) from its original IDX files (gzipped or not), read from
+  ``config.data_dir`` when given, else ``/usr/share/datasets/fashion-mnist/`` where
+  Debian's package puts them (``sudo apt-get install dataset-fashion-mnist``). The
+  grey channel is repeated to RGB. TFDS has a data set of the same name: this name
+  always means the IDX files; ``"tfds:fashion_mnist"`` reads TFDS's copy instead.
 * ``"imagefolder"``: ``config.data_dir`` holds one folder per split, each with one
   subfolder per class (``<data_dir>/train/cat/001.png``); classes are the sorted
   union of the class folder names over all splits.
 * any TFDS name (``"cifar100"``, ``"imagenet2012"``, ...), read from
-  ``config.data_dir`` (or TFDS's default directory when None). It must be prepared
+  ``config.data_dir`` (or TFDS's default directory when None). A ``"tfds:"``
+  prefix (``"tfds:fashion_mnist"``) forces TFDS where a built-in name would win. It must be prepared
   beforehand (``tfds build NAME --data_dir=DIR``); nothing is ever downloaded here.
 
 Config fields (an ``ml_collections.ConfigDict``):
@@ -64,7 +71,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import math
+import os
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -77,10 +86,26 @@ DEFAULT_CROP_PCT = 0.875
 DIGITS_NUM_TEST = 360
 # The digits split must never change between runs or machines: a fixed seed.
 _DIGITS_SPLIT_SEED = 0
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+# split -> (images, labels) IDX file names, as the original distribution names them.
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_FASHION_MNIST_HOW = (
+    "Install Debian's package (sudo apt-get install dataset-fashion-mnist), or set "
+    "--config.data_dir=DIR to a folder holding the four IDX files "
+    "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+    "t10k-labels-idx1-ubyte, each optionally .gz), or with a network use TFDS's copy: "
+    "--config.dataset=tfds:fashion_mnist.")
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 # Domain tags folded into the seed, so shuffle keys never coincide with the
 # augmentation keys of an example with the same number.
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
+# "tfds:NAME" reads TFDS's NAME even where NAME is a built-in source here.
+_TFDS_PREFIX = "tfds:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +213,81 @@ def _digits_source() -> _Source:
                            _to_rgb)
 
 
+def read_idx(path: str, ndim: int) -> np.ndarray:
+  """An IDX file (the MNIST format; gzipped when `path` ends in .gz) as uint8 numpy.
+
+  Args:
+    path: the file.
+    ndim: the expected number of dimensions (3 for images, 1 for labels).
+
+  Raises:
+    ValueError: naming the file when it is not an unsigned-byte IDX file of
+      `ndim` dimensions or is cut short.
+
+  Example::
+
+    >>> read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz", 1)
+    array([9, 2, 1, ..., 8, 1, 5], dtype=uint8)
+  """
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  # Magic number: two zero bytes, type 0x08 (unsigned byte), number of dimensions.
+  expected_magic = bytes([0, 0, 8, ndim])
+  if data[:4] != expected_magic:
+    raise ValueError(
+        f"{path} is not an unsigned-byte IDX file with {ndim} dimension(s): its "
+        f"magic number is {data[:4].hex()}, expected {expected_magic.hex()}. Point "
+        "config.data_dir at the original Fashion-MNIST/MNIST IDX files.")
+  shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+  header = 4 + 4 * ndim
+  if len(data) - header != math.prod(shape):
+    raise ValueError(f"{path} declares shape {shape} ({math.prod(shape)} bytes) but "
+                     f"holds {len(data) - header} bytes after its header; the file "
+                     "is truncated or corrupt. Reinstall or re-download it.")
+  return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(directory: str, name: str) -> str:
+  for candidate in (f"{name}.gz", name):
+    path = os.path.join(directory, candidate)
+    if os.path.exists(path):
+      return path
+  raise FileNotFoundError(f"Fashion-MNIST file {os.path.join(directory, name)}(.gz) "
+                          f"does not exist. {_FASHION_MNIST_HOW}")
+
+
+@functools.lru_cache(maxsize=2)
+def fashion_mnist_arrays(directory: str = FASHION_MNIST_DIR
+                         ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Fashion-MNIST as {"train", "test"}: (uint8 [N, 28, 28, 1], int32 [N]).
+
+  Reads the four IDX files in `directory` (gzipped or not). Example::
+
+    >>> train_x, train_y = fashion_mnist_arrays()["train"]
+    >>> train_x.shape, FASHION_MNIST_LABELS[train_y[0]]
+    ((60000, 28, 28, 1), 'Ankle boot')
+  """
+  splits = {}
+  for split, (images_name, labels_name) in _FASHION_MNIST_FILES.items():
+    images_path = _find_idx(directory, images_name)
+    labels_path = _find_idx(directory, labels_name)
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if len(images) != len(labels) or labels.max(initial=0) >= len(FASHION_MNIST_LABELS):
+      raise ValueError(
+          f"{images_path} holds {len(images)} images but {labels_path} holds "
+          f"{len(labels)} labels (max {labels.max(initial=0)}); expected equal counts "
+          f"and labels below {len(FASHION_MNIST_LABELS)}. Use matching files.")
+    splits[split] = (images[..., None], labels.astype(np.int32))
+  return splits
+
+
+def _fashion_mnist_source(data_dir: Optional[str]) -> _Source:
+  directory = os.path.abspath(data_dir or FASHION_MNIST_DIR)
+  return _in_memory_source("fashion_mnist", FASHION_MNIST_LABELS,
+                           fashion_mnist_arrays(directory), _to_rgb)
+
+
 def _imagefolder_source(root: Optional[str]) -> _Source:
   """Lists ``root/<split>/<class>/<image>`` in sorted order."""
   layout = ("Expected one folder per split holding one subfolder per class, e.g. "
@@ -252,7 +352,8 @@ def _tfds_source(name: str, data_dir: Optional[str]) -> _Source:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(
-        f"Unknown config.dataset {name!r}: expected 'digits', 'imagefolder' or a "
+        f"Unknown config.dataset {name!r}: expected 'digits', 'fashion_mnist', "
+        "'imagefolder' or a "
         "TFDS name such as 'cifar100' or 'imagenet2012' (see `tfds.list_builders()`)."
     ) from e
   # is_prepared() only checks the local directory; it never triggers a download.
@@ -289,9 +390,12 @@ def _tfds_source(name: str, data_dir: Optional[str]) -> _Source:
 def _get_source(config) -> _Source:
   if config.dataset == "digits":
     return _digits_source()
+  if config.dataset == "fashion_mnist":
+    return _fashion_mnist_source(config.get("data_dir"))
   if config.dataset == "imagefolder":
     return _imagefolder_source(config.data_dir)
-  return _tfds_source(config.dataset, config.get("data_dir"))
+  return _tfds_source(config.dataset.removeprefix(_TFDS_PREFIX),
+                      config.get("data_dir"))
 
 
 # ----------------------------------------------------------------------------------
