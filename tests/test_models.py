@@ -108,3 +108,32 @@ def test_contract_logits_and_aux(family):
   assert {"stem", "pre_logits"} <= set(aux)
   assert aux["pre_logits"].shape[0] == 2
   assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+# Architecture fields that define each family's sizes, with small values.
+_ARCHITECTURE_OVERRIDES = {
+    "edgevit_xxs": dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 24, 32), head_dim=8),
+    "mobilevitv2_050": dict(width_multiplier=0.25),
+    "tformer_s": dict(depths=(1, 1, 1, 1), widths=(8, 16, 24, 32)),
+    "deit_tiny_patch16": dict(embed_dim=32, depth=2, num_heads=2, image_size=32),
+    "deit_tiny_distilled_patch16": dict(embed_dim=32, depth=1, num_heads=2,
+                                        image_size=32, distilled=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ARCHITECTURE_OVERRIDES))
+def test_every_architecture_field_can_be_overridden(name):
+  overrides = _ARCHITECTURE_OVERRIDES[name]
+  model = models.create_model(name, num_classes=3, **overrides)
+  for field, value in overrides.items():
+    assert getattr(model, field) == value, field
+  default = models.create_model(name, num_classes=3)
+  size = 64
+  x = jnp.zeros((1, size, size, 3)) if "deit" not in name else jnp.zeros((1, 32, 32, 3))
+  small = complexity.count_params(jax.eval_shape(model.init, jax.random.key(0), x)
+                                  ["params"])
+  if "deit" in name:  # The default is built for 224: count it there.
+    x = jnp.zeros((1, 224, 224, 3))
+  full = complexity.count_params(jax.eval_shape(default.init, jax.random.key(0), x)
+                                 ["params"])
+  assert small < full

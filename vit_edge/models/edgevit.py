@@ -411,19 +411,22 @@ _REGISTRY_INFO = dict(family="edgevit", image_size=224, stride=TOTAL_STRIDE,
 @registry.register_model(top1=74.4, **_REGISTRY_INFO)
 def edgevit_xxs(**kwargs) -> EdgeViT:
   """EdgeViT-XXS: 4.07M params, 0.55 GMACs at 224, 74.4% top-1."""
-  return EdgeViT(depths=(1, 1, 3, 2), embed_dims=(36, 72, 144, 288), head_dim=36,
-                 **kwargs)
+  return registry.build(
+      EdgeViT, dict(depths=(1, 1, 3, 2), embed_dims=(36, 72, 144, 288), head_dim=36),
+      kwargs)
 
 
 @registry.register_model(top1=77.5, **_REGISTRY_INFO)
 def edgevit_xs(**kwargs) -> EdgeViT:
   """EdgeViT-XS: 6.77M params, 1.13 GMACs at 224, 77.5% top-1."""
-  return EdgeViT(depths=(1, 1, 3, 1), embed_dims=(48, 96, 240, 384), head_dim=48,
-                 **kwargs)
+  return registry.build(
+      EdgeViT, dict(depths=(1, 1, 3, 1), embed_dims=(48, 96, 240, 384), head_dim=48),
+      kwargs)
 
 
 @registry.register_model(top1=81.0, **_REGISTRY_INFO)
 def edgevit_s(**kwargs) -> EdgeViT:
   """EdgeViT-S: 13.11M params, 1.91 GMACs at 224, 81.0% top-1."""
-  return EdgeViT(depths=(1, 2, 5, 3), embed_dims=(48, 96, 240, 384), head_dim=48,
-                 **kwargs)
+  return registry.build(
+      EdgeViT, dict(depths=(1, 2, 5, 3), embed_dims=(48, 96, 240, 384), head_dim=48),
+      kwargs)

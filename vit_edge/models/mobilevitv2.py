@@ -485,40 +485,40 @@ def _register(top1: float):
 @_register(top1=70.18)
 def mobilevitv2_050(**kwargs) -> MobileViTv2:
   """MobileViTv2-0.5 (1.37M params at 1000 classes)."""
-  return MobileViTv2(width_multiplier=0.5, **kwargs)
+  return registry.build(MobileViTv2, dict(width_multiplier=0.5), kwargs)
 
 
 @_register(top1=75.56)
 def mobilevitv2_075(**kwargs) -> MobileViTv2:
   """MobileViTv2-0.75 (2.87M params)."""
-  return MobileViTv2(width_multiplier=0.75, **kwargs)
+  return registry.build(MobileViTv2, dict(width_multiplier=0.75), kwargs)
 
 
 @_register(top1=78.09)
 def mobilevitv2_100(**kwargs) -> MobileViTv2:
   """MobileViTv2-1.0 (4.90M params)."""
-  return MobileViTv2(width_multiplier=1.0, **kwargs)
+  return registry.build(MobileViTv2, dict(width_multiplier=1.0), kwargs)
 
 
 @_register(top1=79.65)
 def mobilevitv2_125(**kwargs) -> MobileViTv2:
   """MobileViTv2-1.25 (7.48M params)."""
-  return MobileViTv2(width_multiplier=1.25, **kwargs)
+  return registry.build(MobileViTv2, dict(width_multiplier=1.25), kwargs)
 
 
 @_register(top1=80.38)
 def mobilevitv2_150(**kwargs) -> MobileViTv2:
   """MobileViTv2-1.5 (10.59M params)."""
-  return MobileViTv2(width_multiplier=1.5, **kwargs)
+  return registry.build(MobileViTv2, dict(width_multiplier=1.5), kwargs)
 
 
 @_register(top1=80.84)
 def mobilevitv2_175(**kwargs) -> MobileViTv2:
   """MobileViTv2-1.75 (14.25M params)."""
-  return MobileViTv2(width_multiplier=1.75, **kwargs)
+  return registry.build(MobileViTv2, dict(width_multiplier=1.75), kwargs)
 
 
 @_register(top1=81.17)
 def mobilevitv2_200(**kwargs) -> MobileViTv2:
   """MobileViTv2-2.0 (18.45M params)."""
-  return MobileViTv2(width_multiplier=2.0, **kwargs)
+  return registry.build(MobileViTv2, dict(width_multiplier=2.0), kwargs)

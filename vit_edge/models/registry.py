@@ -78,6 +78,19 @@ def register_model(*, family: str, image_size: int, stride: int, **info: Any):
   return decorator
 
 
+def build(module_class: Callable[..., nn.Module], defaults: dict[str, Any],
+          overrides: dict[str, Any]) -> nn.Module:
+  """`module_class` with a size's `defaults` updated by the user's `overrides`.
+
+  Factories use it so that every field, including the ones that define the size
+  (depths, widths, width_multiplier), can be overridden through `create_model`::
+
+      def edgevit_xxs(**kwargs):
+        return build(EdgeViT, dict(depths=(1, 1, 3, 2), ...), kwargs)
+  """
+  return module_class(**{**defaults, **overrides})
+
+
 def list_models(pattern: str = "*") -> list[str]:
   """Sorted registered names matching a shell-style pattern.
 

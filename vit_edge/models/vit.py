@@ -401,7 +401,7 @@ _INCEPTION = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 def _build(overrides: dict[str, Any], **config: Any) -> VisionTransformer:
   """The size's config updated by the user's overrides (so depth etc. can shrink too)."""
-  return VisionTransformer(**{**config, **overrides})
+  return registry.build(VisionTransformer, config, overrides)
 
 
 def _register(family: str, top1: Optional[float], **info: Any):
