@@ -270,3 +270,39 @@ def test_converter_errors(model_and_vars):
     mv2.convert_torch_state_dict(
         {**sd, "head.fc.weight": np.zeros((1000, 256), np.float32),
          "head.fc.bias": np.zeros(1000, np.float32)}, model)
+
+
+def _train_state(model, num_classes_seed=0):
+  """A train-state-shaped dict (what checkpoints hold) for checkpointing.init_from."""
+  variables = jax.jit(model.init)(jax.random.key(num_classes_seed), _images())
+  return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+          "batch_stats": variables["batch_stats"], "opt_state": {}, "ema_params": {}}
+
+
+def test_init_from_keeps_batchnorm_statistics(tmp_path):
+  from vit_edge import checkpointing  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  tiny = dict(width_multiplier=0.25)
+  pretrained = _train_state(models.create_model("mobilevitv2_050", num_classes=5,
+                                                **tiny))
+  # Statistics a pretraining run would have moved away from the init (0 and 1).
+  pretrained["batch_stats"] = jax.tree_util.tree_map(
+      lambda x: x + jax.random.uniform(jax.random.key(3), x.shape),
+      pretrained["batch_stats"])
+  manager = checkpointing.CheckpointManager(
+      str(tmp_path / "checkpoints"), ml_collections.ConfigDict(
+          dict(every_steps=1, keep=1, keep_best=False, async_save=False)))
+  manager.save(7, pretrained, None)
+  manager.wait()
+
+  fresh = _train_state(models.create_model("mobilevitv2_050", num_classes=3, **tiny),
+                       num_classes_seed=1)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shardings = jax.tree_util.tree_map(lambda _: device, fresh)
+  tuned = checkpointing.init_from(fresh, str(tmp_path), shardings, grid=2)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, tuned["batch_stats"],
+                         pretrained["batch_stats"])
+  np.testing.assert_array_equal(tuned["params"]["stem"]["conv"]["kernel"],
+                                pretrained["params"]["stem"]["conv"]["kernel"])
+  assert tuned["params"]["head"]["kernel"].shape[-1] == 3  # New head kept.

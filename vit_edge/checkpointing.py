@@ -118,24 +118,46 @@ def load_params(path: str) -> dict[str, Any]:
 
 
 def init_from(state: Any, path: str, shardings: Any, grid: int) -> Any:
-  """Copies the params of another run into `state` for fine-tuning.
+  """Copies the params and BatchNorm statistics of another run into `state`.
 
-  Parameters with equal shapes are copied. Where shapes differ, the classifier head
-  (any param under a module whose name starts with "head") keeps its fresh
-  initialisation (a different class count), and ViT position embeddings are resized
-  to the new `grid` x `grid` patch grid; any other mismatch is an error.
+  For fine-tuning. Variables with equal shapes are copied, BatchNorm running
+  statistics (``batch_stats``) included, so a fine-tune of EdgeViT or MobileViTv2
+  continues from the pretrained statistics instead of fresh ones. Where shapes
+  differ, the classifier head (any variable under a module whose name starts with
+  "head") keeps its fresh initialisation (a different class count), and ViT
+  position embeddings are resized to the new `grid` x `grid` patch grid; any other
+  mismatch is an error.
+
+  Example::
+
+    state = init_from(fresh_state, "workdir/pretrained", state_shardings, grid=14)
   """
+  loaded = load_state(path)
+  new_state = dict(state)
+  for collection in ("params", "batch_stats"):
+    if not state.get(collection):
+      continue
+    merged = _merge_for_fine_tuning(state[collection], loaded.get(collection) or {},
+                                    path, collection, grid)
+    new_state[collection] = jax.tree_util.tree_map(
+        lambda x, s: jax.device_put(jnp.asarray(x), s), merged, shardings[collection])
+  if state["ema_params"]:
+    new_state["ema_params"] = jax.tree_util.tree_map(jnp.copy, new_state["params"])
+  return new_state
+
+
+def _merge_for_fine_tuning(new_tree: Any, old_tree: Any, path: str, collection: str,
+                           grid: int) -> Any:
+  """`new_tree` with every variable replaced by `old_tree`'s (see init_from)."""
   from vit_edge.models import vit  # pylint: disable=g-import-not-at-top
 
-  loaded = load_params(path)
-  flat_new = ocp.tree.to_flat_dict(state["params"])
-  flat_old = ocp.tree.to_flat_dict(loaded)
+  flat_old = ocp.tree.to_flat_dict(old_tree) if old_tree else {}
   merged = {}
-  for key, new in flat_new.items():
+  for key, new in ocp.tree.to_flat_dict(new_tree).items():
     old = flat_old.get(key)
-    name = "/".join(key)
+    name = f"{collection}/{'/'.join(key)}"
     if old is None:
-      raise ValueError(f"init_from={path!r} has no parameter {name}; it was trained "
+      raise ValueError(f"init_from={path!r} has no variable {name}; it was trained "
                        "with another architecture.")
     old = np.asarray(old)
     if old.shape == new.shape:
@@ -151,12 +173,6 @@ def init_from(state: Any, path: str, shardings: Any, grid: int) -> Any:
       logging.info("init_from: %s re-initialised (%s -> %s).", name, old.shape,
                    new.shape)
     else:
-      raise ValueError(f"init_from: parameter {name} has shape {old.shape} in "
-                       f"{path!r} but {new.shape} in this model.")
-  params = ocp.tree.from_flat_dict(merged, target=state["params"])
-  params = jax.tree_util.tree_map(
-      lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings["params"])
-  new_state = dict(state, params=params)
-  if state["ema_params"]:
-    new_state["ema_params"] = jax.tree_util.tree_map(jnp.copy, params)
-  return new_state
+      raise ValueError(f"init_from: {name} has shape {old.shape} in {path!r} but "
+                       f"{new.shape} in this model.")
+  return ocp.tree.from_flat_dict(merged, target=new_tree)
