@@ -8,6 +8,7 @@ Layout of ``--workdir`` (written by ``vit_edge.main`` / ``train.train_and_evalua
     checkpoints/<step>/    Orbax checkpoints; <step>/default holds the train state,
                            <step>/metrics/metrics the eval metrics when recorded
     events.out.tfevents.*  TensorBoard scalars
+    train.log              the full log of ``python -m vit_edge.main`` (appended)
     export/                .tflite files written by ``python -m vit_edge.export``
 
 Every module reads runs through this one (no ``os.listdir`` of checkpoints, no
@@ -51,6 +52,7 @@ DATASET_INFO_FILE = "dataset_info.json"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
+LOG_FILE = "train.log"  # The full log of vit_edge.main (console shows less).
 # Inside checkpoints/<step>/: the train-state item and Orbax's metrics item/file.
 STATE_ITEM = "default"
 METRICS_ITEM = "metrics"
