@@ -118,7 +118,7 @@ def test_init_from_resizes_pos_embed_and_reinitialises_head(tmp_path):
   _write_image_folder(folder)
   config = _config(dataset="imagefolder", data_dir=str(folder), image_size=48,
                    batch_size=8, init_from=str(pretrained), **vit)
-  trainer = train._Trainer(config, str(tmp_path / "finetune"))  # pylint: disable=protected-access
+  trainer = train.Trainer(config, str(tmp_path / "finetune"))
   state = trainer.initial_state()
   old = checkpointing.load_params(str(pretrained))
   new = state["params"]
@@ -137,12 +137,12 @@ def test_init_from_resizes_pos_embed_and_reinitialises_head(tmp_path):
 def _one_step(num_devices, fsdp=1, model="tformer_s", dtype="float32"):
   config = _config(arg=f"model={model}", dtype=dtype,
                    **{"mesh.num_devices": num_devices, "mesh.fsdp": fsdp})
-  trainer = train._Trainer(config, "/tmp/unused")  # pylint: disable=protected-access
+  trainer = train.Trainer(config, "/tmp/unused")
   it = input_pipeline.create_train_iterator(
       config, mean=trainer.model_info.mean, std=trainer.model_info.std,
       local_batch_size=trainer.local_batch)
   from vit_edge import sharding  # pylint: disable=g-import-not-at-top
-  state = trainer._init(trainer._rng)  # pylint: disable=protected-access
+  state = trainer.fresh_state()
   with jax.set_mesh(trainer.mesh):
     state, metrics = trainer.train_step(state, sharding.make_global_batch(next(it),
                                                                           trainer.mesh))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ml_collections
 
 from vit_edge import models
+from vit_edge import objectives
 
 # Published widths of MobileViTv2 -> (max lr, weight decay) at batch 1024.
 _MOBILEVITV2_LR_WD = {
@@ -88,6 +89,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(
       {"every_steps": 200, "keep": 3, "keep_best": True, "async_save": True})
   c.init_from = ""
+  # config.objective (the loss: cross_entropy, soft_kd, hard_token, feature,
+  # relation, logit_map, joined by '+') and config.teacher (its run directory).
+  c.update(objectives.default_config())
   return c
 
 

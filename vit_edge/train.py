@@ -41,6 +41,7 @@ from vit_edge import augment
 from vit_edge import checkpointing
 from vit_edge import input_pipeline
 from vit_edge import models
+from vit_edge import objectives
 from vit_edge import optimizer
 from vit_edge import sharding
 
@@ -49,14 +50,16 @@ State = dict[str, Any]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-  # (No `from __future__ import annotations` in this file: clu reads these
-  # annotations as classes.)
-  loss: clu_metrics.Average.from_output("loss")
-  accuracy: clu_metrics.Average.from_output("accuracy")
-  grad_norm: clu_metrics.Average.from_output("grad_norm")
-  learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+def train_metrics_class(objective_metrics: tuple[str, ...]) -> type[clu_metrics.Collection]:
+  """A clu Collection of the objective's metrics (averaged) plus optimiser scalars.
+
+  Built from the names an objective declares, so a new objective logs its own
+  metrics without a new class here.
+  """
+  fields = {name: clu_metrics.Average.from_output(name) for name in objective_metrics}
+  fields["grad_norm"] = clu_metrics.Average.from_output("grad_norm")
+  fields["learning_rate"] = clu_metrics.LastValue.from_output("learning_rate")
+  return clu_metrics.Collection.create(**fields)
 
 
 @flax.struct.dataclass
@@ -96,10 +99,18 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return (rank < k).astype(jnp.float32)
 
 
-def train_step(state: State, batch: dict[str, jax.Array], *, model: nn.Module,
+def train_step(state: State, batch: dict[str, jax.Array], teacher_variables: Any, *,
+               model: nn.Module, objective: objectives.Objective,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               config: ml_collections.ConfigDict, num_classes: int):
-  """One optimisation step; a pure function of (state, batch). Returns (state, metrics)."""
+               config: ml_collections.ConfigDict, num_classes: int,
+               metrics_class: type[clu_metrics.Collection]):
+  """One optimisation step; a pure function of (state, batch, frozen teacher).
+
+  The objective owns the loss: it sees the student's logits and intermediates, the
+  (mixed) targets and the teacher's outputs on the same images, and names its
+  metrics. Its learned parameters (``state["objective_params"]``) are optimised
+  with the model's. Returns (state, metrics).
+  """
   rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
   mix_rng, dropout_rng = jax.random.split(rng)
   aug = config.aug
@@ -108,29 +119,31 @@ def train_step(state: State, batch: dict[str, jax.Array], *, model: nn.Module,
       mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha,
       mixup_prob=aug.mixup_prob, mixup_switch_prob=aug.mixup_switch_prob,
       label_smoothing=config.label_smoothing)
+  teacher = objective.teacher_outputs(teacher_variables, images)
 
-  def loss_fn(params):
+  def loss_fn(trainable):
+    params, objective_params = trainable
     mutable = ["batch_stats"] if state["batch_stats"] else []
-    (logits, _), updates = model.apply(
+    (logits, aux), updates = model.apply(
         _variables(state, params), images, train=True,
         rngs={"dropout": dropout_rng}, mutable=mutable)
-    logits = logits.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy(logits, targets).mean()
-    return loss, (logits, updates.get("batch_stats", state["batch_stats"]))
+    loss, metrics = objective(logits.astype(jnp.float32), aux, targets, teacher,
+                              objective_params)
+    return loss, (metrics, updates.get("batch_stats", state["batch_stats"]))
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state["params"])
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
+  trainable = (state["params"], state["objective_params"])
+  (_, (metrics, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(trainable)
+  updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+  params, objective_params = optax.apply_updates(trainable, updates)
+  new_state = dict(state, step=state["step"] + 1, params=params,
+                   objective_params=objective_params, opt_state=opt_state,
                    batch_stats=batch_stats)
   if config.ema_decay > 0:
     new_state["ema_params"] = optimizer.ema_update(
         state["ema_params"], params, config.ema_decay)
-  metrics = TrainMetrics.single_from_model_output(
-      loss=loss,
-      accuracy=jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
-      grad_norm=optimizer.global_norm(grads),
+  metrics = metrics_class.single_from_model_output(
+      **metrics, grad_norm=optimizer.global_norm(grads),
       learning_rate=schedule(state["step"]))
   return new_state, metrics
 
@@ -149,22 +162,36 @@ def eval_step(state: State, batch: dict[str, jax.Array], *, model: nn.Module,
       top5=topk_correct(logits, labels, min(5, logits.shape[-1])), mask=mask)
 
 
-def create_state(rng: jax.Array, *, model: nn.Module, tx, image_size: int,
-                 ema: bool) -> State:
+def create_state(rng: jax.Array, *, model: nn.Module, objective: objectives.Objective,
+                 tx, image_size: int, ema: bool) -> State:
   """A fresh train state (used under jit with out_shardings: params born sharded)."""
+  # The model keeps `rng` itself, so runs without objective parameters initialise
+  # exactly as before objectives existed.
   variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
   params = variables["params"]
+  objective_params = objective.init_params(jax.random.fold_in(rng, 1))
   return {
       "step": jnp.zeros((), jnp.int32),
       "params": params,
+      "objective_params": objective_params,
       "batch_stats": variables.get("batch_stats", {}),
-      "opt_state": tx.init(params),
+      "opt_state": tx.init((params, objective_params)),
       "ema_params": jax.tree_util.tree_map(jnp.copy, params) if ema else {},
   }
 
 
-class _Trainer:
-  """Everything derived from (config, workdir) that the loop and `evaluate` share."""
+class Trainer:
+  """Everything derived from (config, workdir) that the loop and `evaluate` share.
+
+  ``trainer.train_step(state, batch)`` and ``trainer.eval_steps[use_ema](state,
+  batch)`` are the jitted, sharded steps; ``trainer.fresh_state()`` a new state.
+  Example (one step on a batch, as the throughput benchmark does)::
+
+      trainer = Trainer(config, "/tmp/run")
+      state = trainer.fresh_state()
+      with jax.set_mesh(trainer.mesh):
+        state, metrics = trainer.train_step(state, global_batch)
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
@@ -175,7 +202,12 @@ class _Trainer:
         config.eval_batch_size, self.mesh, "config.eval_batch_size")
     self.ds_info = input_pipeline.get_info(config)
     self.model_info = models.get_model_info(config.model)
-    self.model = build_model(config, self.ds_info.num_classes)
+    self.objective, teacher_variables = objectives.create_objective(
+        config, student_image_size=config.image_size, student_mean=self.model_info.mean,
+        student_std=self.model_info.std)
+    self.model = self.objective.adapt_student(
+        build_model(config, self.ds_info.num_classes))
+    self.objective.bind_shapes(self.model, config.image_size, teacher_variables)
     steps_per_epoch = max(1, self.ds_info.num_train_examples // config.batch_size)
     self.num_train_steps = (config.num_train_steps if config.num_train_steps > 0
                             else int(math.ceil(config.num_epochs * steps_per_epoch)))
@@ -184,8 +216,9 @@ class _Trainer:
       optim.warmup_steps = int(optim.warmup_epochs * steps_per_epoch)
     self.tx, self.schedule = optimizer.create_optimizer(optim, self.num_train_steps)
 
-    init = functools.partial(create_state, model=self.model, tx=self.tx,
-                             image_size=config.image_size, ema=config.ema_decay > 0)
+    init = functools.partial(create_state, model=self.model, objective=self.objective,
+                             tx=self.tx, image_size=config.image_size,
+                             ema=config.ema_decay > 0)
     rng = jax.random.key(config.seed)
     self.abstract_state = jax.eval_shape(init, rng)
     self.state_shardings = sharding.param_shardings(self.abstract_state, self.mesh)
@@ -201,11 +234,17 @@ class _Trainer:
 
     replicated = sharding.replicated(self.mesh)
     batch_sharding = sharding.batch_sharding(self.mesh)
-    self.train_step = jax.jit(
-        functools.partial(train_step, model=self.model, tx=self.tx,
-                          schedule=self.schedule, config=config,
-                          num_classes=self.ds_info.num_classes),
-        in_shardings=(self.state_shardings, batch_sharding),
+    # The frozen teacher is an argument of the step, not part of the state: never
+    # optimised, never checkpointed.
+    teacher_shardings = sharding.param_shardings(teacher_variables, self.mesh)
+    self.teacher_variables = jax.device_put(teacher_variables, teacher_shardings)
+    self.metrics_class = train_metrics_class(self.objective.metric_names())
+    self._train_step = jax.jit(
+        functools.partial(train_step, model=self.model, objective=self.objective,
+                          tx=self.tx, schedule=self.schedule, config=config,
+                          num_classes=self.ds_info.num_classes,
+                          metrics_class=self.metrics_class),
+        in_shardings=(self.state_shardings, batch_sharding, teacher_shardings),
         out_shardings=(self.state_shardings, replicated),
         donate_argnums=0)
     self.eval_steps = {
@@ -215,6 +254,14 @@ class _Trainer:
             out_shardings=replicated)
         for use_ema in (False, True)}
 
+  def train_step(self, state: State, batch: dict[str, jax.Array]):
+    """The jitted step with this run's frozen teacher (if any): (state, metrics)."""
+    return self._train_step(state, batch, self.teacher_variables)
+
+  def fresh_state(self) -> State:
+    """A newly initialised state, born sharded (no checkpoint, no init_from)."""
+    return self._init(self._rng)
+
   def initial_state(self) -> State:
     """The newest checkpoint in the workdir, else config.init_from, else fresh init."""
     restored = self.checkpoints.restore_latest(self.abstract_state,
@@ -223,7 +270,7 @@ class _Trainer:
       logging.info("Resumed from %s at step %d.", self.checkpoints.directory,
                    int(restored["step"]))
       return restored
-    state = self._init(self._rng)
+    state = self.fresh_state()
     if self.config.init_from:
       state = checkpointing.init_from(
           state, self.config.init_from, self.state_shardings,
@@ -270,7 +317,7 @@ def _check_finite(metrics: dict[str, float], step: int, workdir: str) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains and evaluates; resumes from workdir/checkpoints. Returns the final metrics."""
-  trainer = _Trainer(config, workdir)
+  trainer = Trainer(config, workdir)
   trainer.write_run_files()
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
@@ -328,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              step: int | None = None) -> dict[str, float]:
   """Evaluates the checkpoint of `step` (newest when None) in workdir/checkpoints."""
-  trainer = _Trainer(config, workdir)
+  trainer = Trainer(config, workdir)
   state = trainer.checkpoints.restore(trainer.abstract_state, trainer.state_shardings,
                                       step=step)
   with jax.set_mesh(trainer.mesh):

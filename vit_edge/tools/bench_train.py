@@ -66,8 +66,8 @@ def throughput_row(name: str) -> str:
     config.image_size, config.batch_size = _IMAGE_SIZE.value, _BATCH.value
     config.eval_batch_size = _BATCH.value
     config.num_train_steps = _STEPS.value + 1
-  trainer = train._Trainer(config, tempfile.mkdtemp())  # pylint: disable=protected-access
-  state = trainer._init(trainer._rng)  # pylint: disable=protected-access
+  trainer = train.Trainer(config, tempfile.mkdtemp())
+  state = trainer.fresh_state()
   rng = np.random.default_rng(0)
   from vit_edge import sharding  # pylint: disable=g-import-not-at-top
   batch = sharding.make_global_batch({
