@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from vit_edge import complexity
@@ -137,3 +138,28 @@ def test_every_architecture_field_can_be_overridden(name):
   full = complexity.count_params(jax.eval_shape(default.init, jax.random.key(0), x)
                                  ["params"])
   assert small < full
+
+
+def test_batchnorm_running_variance_is_unbiased_like_pytorch():
+  from vit_edge.models import layers  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(0).normal(2.0, 3.0, (2, 3, 2, 4)).astype(np.float32)
+  bn = layers.batch_norm(True, jnp.float32)
+  variables = bn.init(jax.random.key(0), x)
+  assert jax.tree_util.tree_map(jnp.shape, variables) == {
+      "params": {"scale": (4,), "bias": (4,)},
+      "batch_stats": {"mean": (4,), "var": (4,)}}  # Flax's names: trees unchanged.
+  y, updates = bn.apply(variables, x, mutable=["batch_stats"])
+  flat = x.reshape(-1, 4)  # n = 2 * 3 * 2 = 12 values per channel.
+  # torch.nn.BatchNorm2d(momentum=0.1) from running (0, 1) after one train batch:
+  np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * flat.mean(0),
+                             rtol=1e-5)
+  np.testing.assert_allclose(updates["batch_stats"]["var"],
+                             0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+  # ... and it normalises with the biased batch variance.
+  np.testing.assert_allclose(y, (x - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5),
+                             rtol=1e-4, atol=1e-5)
+  eval_y = layers.batch_norm(False, jnp.float32).apply(
+      {"params": variables["params"], "batch_stats": updates["batch_stats"]}, x)
+  np.testing.assert_allclose(
+      eval_y, (x - updates["batch_stats"]["mean"]) /
+      np.sqrt(updates["batch_stats"]["var"] + 1e-5), rtol=1e-4, atol=1e-5)

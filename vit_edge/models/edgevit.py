@@ -146,12 +146,12 @@ class LocalAgg(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     dim = x.shape[-1]
     x = x + _conv(dim, 3, dim, self.dtype, "pos_embed", groups=dim, padding=1)(x)
-    y = layers.batch_norm(train, self.dtype, name="norm1", use_fast_variance=False)(x)
+    y = layers.batch_norm(train, self.dtype, name="norm1")(x)
     y = _conv(dim, 1, dim, self.dtype, "conv1")(y)
     y = _conv(dim, 5, dim, self.dtype, "attn", groups=dim, padding=2)(y)
     y = _conv(dim, 1, dim, self.dtype, "conv2")(y)
     x = x + layers.DropPath(self.drop_path)(y, deterministic=not train)
-    y = layers.batch_norm(train, self.dtype, name="norm2", use_fast_variance=False)(x)
+    y = layers.batch_norm(train, self.dtype, name="norm2")(x)
     y = CMlp(int(dim * self.mlp_ratio), self.dropout_rate, self.dtype, name="mlp")(
         y, deterministic=not train)
     return x + layers.DropPath(self.drop_path)(y, deterministic=not train)
@@ -300,7 +300,7 @@ class EdgeViT(nn.Module):
                      self.attn_dropout_rate, self.dtype,
                      name=f"blocks{s + 1}_{i}")(x, train)
       aux[f"stage{s + 1}"] = x
-    x = layers.batch_norm(train, self.dtype, name="norm", use_fast_variance=False)(x)
+    x = layers.batch_norm(train, self.dtype, name="norm")(x)
     x = jnp.mean(x, axis=(1, 2))
     aux["pre_logits"] = x
     logits = layers.classifier_head(x, self.num_classes, self.dtype, name="head")

@@ -119,15 +119,70 @@ class Mlp(nn.Module):
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
-def batch_norm(train: bool, dtype: Dtype, name: Optional[str] = None,
-               **kwargs) -> nn.BatchNorm:
-  """BatchNorm with PyTorch's defaults (momentum 0.1 -> Flax 0.9, eps 1e-5).
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis with PyTorch's semantics (``nn.BatchNorm2d``).
+
+  The variables are Flax's (params ``scale``/``bias``, batch_stats ``mean``/``var``),
+  so parameter trees, checkpoints and the torch converters are unchanged. Training
+  normalises with the biased batch variance, as both frameworks do, but the running
+  variance is updated with the unbiased one, ``var * n / (n - 1)`` over the ``n``
+  values per channel, as PyTorch does (Flax uses the biased one). A fine-tune from
+  ported reference weights therefore continues the reference's statistics.
+  ``momentum`` is Flax's: ``running = momentum * running + (1 - momentum) * batch``
+  (PyTorch's momentum 0.1 is 0.9 here). Statistics are reduced in float32.
+
+  Example::
+
+    y, updates = BatchNorm(use_running_average=False).apply(
+        variables, x, mutable=["batch_stats"])
+  """
+
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,),
+                                 jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (features,),
+                                jnp.float32)
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      mean, var = _batch_moments(x)
+      # Flax leaves the statistics at their init values during init; so do we.
+      if not self.is_initializing():
+        n = x.size // features
+        unbiased = var * (n / max(n - 1, 1))
+        m = self.momentum
+        running_mean.value = m * running_mean.value + (1 - m) * mean
+        running_var.value = m * running_var.value + (1 - m) * unbiased
+    multiplier = jax.lax.rsqrt(var + self.epsilon) * scale
+    y = (x.astype(jnp.float32) - mean) * multiplier + bias
+    return y.astype(self.dtype)
+
+
+def _batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-channel mean and biased variance, two-pass (stable) in float32."""
+  x = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axes)
+  return mean, jnp.mean(jnp.square(x - mean), axes)
+
+
+def batch_norm(train: bool, dtype: Dtype, name: Optional[str] = None) -> BatchNorm:
+  """PyTorch-style `BatchNorm` with PyTorch's defaults (momentum 0.1, eps 1e-5).
 
   Running statistics live in the mutable 'batch_stats' collection and are updated
-  only when ``train`` is True.
+  only when ``train`` is True. Example: ``batch_norm(train, jnp.float32, "bn")(x)``.
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, name=name, **kwargs)
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                   dtype=dtype, name=name)
 
 
 def classifier_head(x: jax.Array, num_classes: int, dtype: Dtype,
