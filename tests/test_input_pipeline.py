@@ -354,3 +354,96 @@ def test_fashion_mnist_installed_package():
                                                         **MEAN_0_STD_1)))
   assert batch["label"][0] == 9  # The first test image is an ankle boot.
   assert batch["image"].shape == (16, 12, 12, 3) and batch["image"].max() > 0.5
+
+
+# ----------------------------------------------------------------------------------
+# Image folder: undecodable files and empty class folders (config.bad_images).
+
+
+def _write_bad_images(root):
+  """Breaks the folder of _write_image_folder in each way TensorFlow would fail."""
+  png = (root / "train/cat/0.png").read_bytes()
+  jpeg = (root / "train/cat/photo.JPG").read_bytes()
+  (root / "train/cat/cut.png").write_bytes(png[:len(png) // 2])
+  (root / "train/dog/cut.jpg").write_bytes(jpeg[:len(jpeg) - 10])
+  (root / "test/dog/text.jpg").write_bytes(b"not an image at all")
+  (root / "train/dog/empty.png").write_bytes(b"")
+  Image.fromarray(np.zeros([4, 4, 3], np.uint8)).save(root / "train/dog/tiff.png",
+                                                      format="TIFF")
+  return {"train/cat/cut.png", "train/dog/cut.jpg", "test/dog/text.jpg",
+          "train/dog/empty.png", "train/dog/tiff.png"}
+
+
+def test_imagefolder_bad_images_stop_with_their_names(tmp_path):
+  _write_image_folder(tmp_path)
+  _write_bad_images(tmp_path)
+  config = _config(dataset="imagefolder", data_dir=str(tmp_path))
+  with pytest.raises(ValueError) as e:
+    input_pipeline.get_info(config)
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(f"5 of 21 image files under {tmp_path} cannot be decoded")
+  assert f"{tmp_path}/test/dog/text.jpg (UnidentifiedImageError" in message
+  assert "and 2 more" in message and "--config.bad_images=skip" in message
+
+
+def test_imagefolder_bad_images_skipped_with_a_warning(tmp_path, caplog):
+  _write_image_folder(tmp_path)
+  _write_bad_images(tmp_path)
+  config = _config(dataset="imagefolder", data_dir=str(tmp_path), bad_images="skip")
+  with caplog.at_level("WARNING"):
+    info = input_pipeline.get_info(config)
+    input_pipeline.get_info(config)  # Checked and reported once.
+  assert (info.num_train_examples, info.num_eval_examples) == (11, 5)
+  warnings = [r.getMessage() for r in caplog.records if "Skipping" in r.getMessage()]
+  assert len(warnings) == 1 and "Skipping 5 of 21 image files" in warnings[0]
+  batch = next(input_pipeline.create_train_iterator(config, local_batch_size=11,
+                                                    **MEAN_0_STD_1))
+  assert sorted(batch["label"]) == [1] * 7 + [2] * 4
+
+
+def test_imagefolder_jpeg_with_padding_after_its_end_is_fine(tmp_path):
+  _write_image_folder(tmp_path)
+  photo = tmp_path / "train/cat/photo.JPG"
+  photo.write_bytes(photo.read_bytes() + b"\0" * 100)
+  config = _config(dataset="imagefolder", data_dir=str(tmp_path))
+  assert input_pipeline.get_info(config).num_train_examples == 11
+
+
+def test_imagefolder_empty_class_folder(tmp_path, caplog):
+  _write_image_folder(tmp_path)
+  (tmp_path / "train" / "fox").mkdir()
+  (tmp_path / "test" / "fox").mkdir()
+  (tmp_path / "test" / "fox" / "readme.txt").write_text("no images here")
+  config = _config(dataset="imagefolder", data_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError,
+                     match=rf"2 empty class folder\(s\) under {tmp_path} .*"
+                           rf"{tmp_path}/test/fox, {tmp_path}/train/fox\. .*bad_images=skip"):
+    input_pipeline.get_info(config)
+  with caplog.at_level("WARNING"):
+    info = input_pipeline.get_info(_config(dataset="imagefolder",
+                                           data_dir=str(tmp_path), bad_images="skip"))
+  assert info.label_names == ("bird", "cat", "dog")  # fox is not a class.
+  assert any("leaving them out" in r.getMessage() for r in caplog.records)
+
+
+def test_imagefolder_bad_images_mode_is_checked(tmp_path):
+  _write_image_folder(tmp_path)
+  with pytest.raises(ValueError, match=r"config.bad_images='ignore'; expected one of"):
+    input_pipeline.get_info(_config(dataset="imagefolder", data_dir=str(tmp_path),
+                                    bad_images="ignore"))
+
+
+def test_every_config_has_a_fashion_variant_that_combines_with_others():
+  import glob  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  for path in sorted(glob.glob("configs/*.py")):
+    spec = importlib.util.spec_from_file_location("config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("fashion,bf16")
+    assert (config.dataset, config.dtype, config.aug.hflip) == (
+        "fashion_mnist", "bfloat16", True), path
+    assert module.get_config().dataset == "digits", path  # The default is unchanged.
+  with pytest.raises(ValueError, match="each choose a data set"):
+    module.get_config("fashion,imagenet")

@@ -31,6 +31,9 @@ Config fields (an ``ml_collections.ConfigDict``):
   each process's share as ``local_batch_size``.
 * ``shuffle_buffer`` (int): examples in the shuffle buffer (per process).
 * ``seed`` (int): drives the shuffle order and every augmentation.
+* ``bad_images`` (str, optional, default ``"error"``): image folders only; files
+  that will not decode and class folders without images stop the run with their
+  names (``"error"``) or are left out with one warning (``"skip"``).
 * ``cache`` (bool): keep the raw (still encoded) training records and the
   preprocessed uint8 eval images in memory after the first pass.
 * ``aug`` (ConfigDict):
@@ -288,10 +291,115 @@ def _fashion_mnist_source(data_dir: Optional[str]) -> _Source:
                            fashion_mnist_arrays(directory), _to_rgb)
 
 
-def _imagefolder_source(root: Optional[str]) -> _Source:
-  """Lists ``root/<split>/<class>/<image>`` in sorted order."""
+# What tf.io.decode_image reads (PIL calls multi-picture JPEGs "MPO").
+_DECODABLE_FORMATS = ("BMP", "GIF", "JPEG", "MPO", "PNG", "WEBP")
+BAD_IMAGES_MODES = ("error", "skip")
+_JPEG_END = b"\xff\xd9"
+# JPEG end marker search window: files may carry padding after the marker.
+_JPEG_TAIL_BYTES = 1024
+_SHOWN_BAD_FILES = 3
+
+
+def _image_problem(path: str) -> Optional[str]:
+  """Why `path` will not decode, or None; reads the header, not the pixels.
+
+  Checks: PIL recognises the file; its format is one TensorFlow decodes; PNG chunk
+  CRCs (PIL's verify); a JPEG ends with its end-of-image marker (a cut-off JPEG
+  fails in TensorFlow, though PIL's verify passes it). About 0.3 ms a local file
+  (a full decode is ~3.4 ms): 1000 files take 0.3 s, ImageNet's 1.28M ~6 minutes.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  opener = tf.io.gfile.GFile if "://" in path else open
+  try:
+    with opener(path, "rb") as f:
+      with Image.open(f) as image:
+        image_format = image.format
+        if image_format not in _DECODABLE_FORMATS:
+          return f"{image_format} is not one of {'/'.join(_DECODABLE_FORMATS)}"
+        image.verify()
+      if image_format in ("JPEG", "MPO"):
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - _JPEG_TAIL_BYTES))
+        if _JPEG_END not in f.read():
+          return "truncated JPEG (no end-of-image marker)"
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL raises many types (UnidentifiedImageError, SyntaxError, OSError, ...).
+    return f"{type(e).__name__}: {e}".strip().splitlines()[0]
+  return None
+
+
+@functools.lru_cache(maxsize=4)
+def _bad_images(paths: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+  """(path, problem) of every undecodable file; each file is read once a process."""
+  if any("://" in p for p in paths[:1]):
+    from concurrent import futures  # pylint: disable=g-import-not-at-top
+    # Remote storage: each read waits on the network, threads overlap them.
+    with futures.ThreadPoolExecutor(max_workers=16) as pool:
+      problems = list(pool.map(_image_problem, paths))
+  else:
+    # Local disk: PIL holds the GIL, so threads are slower (measured 0.3 vs 0.8 s
+    # for 1000 500x375 files on 2 cores).
+    problems = [_image_problem(p) for p in paths]
+  return tuple((p, why) for p, why in zip(paths, problems) if why)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  # The source is built several times a run (info, train, eval): warn once.
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.warning(message)
+
+
+def _check_bad_images_mode(mode: str) -> None:
+  if mode not in BAD_IMAGES_MODES:
+    raise ValueError(f"config.bad_images={mode!r}; expected one of "
+                     f"{list(BAD_IMAGES_MODES)}: 'error' stops on undecodable image "
+                     "files, 'skip' leaves them out with a warning.")
+
+
+def _handle_bad_images(root: str, files: Sequence[str], mode: str) -> set[str]:
+  """The undecodable files to leave out (mode 'skip'); raises under 'error'."""
+  bad = _bad_images(tuple(files))
+  if not bad:
+    return set()
+  shown = "; ".join(f"{p} ({why})" for p, why in bad[:_SHOWN_BAD_FILES])
+  more = f"; and {len(bad) - _SHOWN_BAD_FILES} more" if len(bad) > _SHOWN_BAD_FILES else ""
+  summary = (f"{len(bad)} of {len(files)} image files under {root} cannot be decoded: "
+             f"{shown}{more}")
+  if mode == "error":
+    raise ValueError(f"{summary}. Fix or delete them, or leave them out with "
+                     "--config.bad_images=skip.")
+  _warn_once(f"Skipping {summary} (config.bad_images='skip').")
+  return {p for p, _ in bad}
+
+
+def _handle_empty_class_folders(root: str, folders: Sequence[str], mode: str) -> None:
+  if not folders:
+    return
+  listed = ", ".join(folders[:_SHOWN_BAD_FILES]) + (
+      f" and {len(folders) - _SHOWN_BAD_FILES} more"
+      if len(folders) > _SHOWN_BAD_FILES else "")
+  message = (f"{len(folders)} empty class folder(s) under {root} (each holds no "
+             f"images with an extension in {_IMAGE_EXTENSIONS})")
+  if mode == "error":
+    # An empty folder would still become a class that is never trained.
+    raise FileNotFoundError(f"{message}: {listed}. Add images or remove the "
+                            "folder(s), or leave them out with "
+                            "--config.bad_images=skip.")
+  _warn_once(f"{message}; leaving them out (config.bad_images='skip'): {listed}.")
+
+
+def _imagefolder_source(root: Optional[str], bad_images: str = "error") -> _Source:
+  """Lists ``root/<split>/<class>/<image>`` in sorted order, checking every file.
+
+  `bad_images` ("error" or "skip", ``config.bad_images``) decides what happens to
+  files that will not decode and to class folders without images: stop with an
+  error naming them, or leave them out with one warning. Skipped classes (no image
+  in any split) are not classes.
+  """
   layout = ("Expected one folder per split holding one subfolder per class, e.g. "
             "ROOT/train/cat/001.png and ROOT/test/cat/002.png.")
+  _check_bad_images_mode(bad_images)
   if not root:
     raise ValueError("config.dataset='imagefolder' needs config.data_dir, the root "
                      f"of the image folder; got {root!r}. {layout}")
@@ -309,16 +417,28 @@ def _imagefolder_source(root: Optional[str]) -> _Source:
   if not split_names:
     raise FileNotFoundError(f"Image folder root {root!r} has no split folder with "
                             f"class subfolders. {layout}")
-  label_names = sorted(set().union(*classes_per_split.values()))
+  listing = {}  # (split, class) -> image paths
+  for split in split_names:
+    for class_name in classes_per_split[split]:
+      class_dir = f"{root}/{split}/{class_name}"
+      listing[split, class_name] = [
+          f"{class_dir}/{f}" for f in sorted(tf.io.gfile.listdir(class_dir))
+          if f.lower().endswith(_IMAGE_EXTENSIONS)]
+  skipped = _handle_bad_images(root, [p for ps in listing.values() for p in ps],
+                               bad_images)
+  listing = {k: [p for p in ps if p not in skipped] for k, ps in listing.items()}
+  _handle_empty_class_folders(root, [f"{root}/{s}/{c}" for (s, c), ps in listing.items()
+                                     if not ps], bad_images)
+  label_names = sorted({c for (_, c), ps in listing.items() if ps})
   label_ids = {name: i for i, name in enumerate(label_names)}
   splits = {}
   for split in split_names:
     paths, labels = [], []
     for class_name in classes_per_split[split]:
-      class_dir = f"{root}/{split}/{class_name}"
-      files = sorted(f for f in tf.io.gfile.listdir(class_dir)
-                     if f.lower().endswith(_IMAGE_EXTENSIONS))
-      paths += [f"{class_dir}/{f}" for f in files]
+      files = listing[split, class_name]
+      if not files:  # Left out under bad_images="skip".
+        continue
+      paths += files
       labels += [label_ids[class_name]] * len(files)
     if not paths:
       raise FileNotFoundError(
@@ -393,7 +513,7 @@ def _get_source(config) -> _Source:
   if config.dataset == "fashion_mnist":
     return _fashion_mnist_source(config.get("data_dir"))
   if config.dataset == "imagefolder":
-    return _imagefolder_source(config.data_dir)
+    return _imagefolder_source(config.data_dir, config.get("bad_images", "error"))
   return _tfds_source(config.dataset.removeprefix(_TFDS_PREFIX),
                       config.get("data_dir"))
 
