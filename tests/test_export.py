@@ -13,6 +13,7 @@ from vit_edge import bench
 from vit_edge import export
 from vit_edge import models
 from vit_edge import train
+from vit_edge.export import validate
 from vit_edge.runtime import classifier
 from vit_edge.runtime import metadata as metadata_lib
 
@@ -67,7 +68,7 @@ def test_float_tflite_matches_jax(name, size, overrides):
   assert not UNWANTED_OPS & set(ops), ops
   if name != "mobilevitv2_050":  # Every other family uses GELU: one fused op each.
     assert ops["GELU"] > 0, ops
-  if name == "tformer_s":  # export_friendly: the channel shuffle is folded away.
+  if name == "tformer_s":  # export_form(): the channel shuffle is folded away.
     assert "TRANSPOSE" not in ops, ops
 
 
@@ -164,12 +165,13 @@ def test_fp16_and_dynamic_exports(quantize, tmp_path):
 
 def test_parity_failure_writes_nothing(tmp_path, monkeypatch):
   out = tmp_path / "sub" / "broken.tflite"
-  real_predict = export.tflite_predict
+  real_outputs = validate.tflite_outputs
 
-  def corrupted(tflite_model, images, num_threads=None):
-    return real_predict(tflite_model, images, num_threads) + 0.5
+  def corrupted(tflite_model, inputs, num_threads=None):
+    return {k: v + 0.5 for k, v in real_outputs(tflite_model, inputs,
+                                                 num_threads).items()}
 
-  monkeypatch.setattr(export, "tflite_predict", corrupted)
+  monkeypatch.setattr(validate, "tflite_outputs", corrupted)
   with pytest.raises(export.ParityError, match="does not match JAX.*Nothing was written"):
     export.export_from_registry("tformer_s", str(out), image_size=32, num_classes=10,
                                 num_parity_samples=2, max_eval_examples=0,

@@ -195,7 +195,7 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
   """
   from vit_edge import export  # pylint: disable=g-import-not-at-top
   for mode in quantize_modes:
-    export._check_quantize(mode)  # pylint: disable=protected-access
+    export.check_quantize(mode)
   if runs < 1 or warmup < 0 or not threads or min(threads) < 1:
     raise ValueError(f"runs={runs} must be >= 1, warmup={warmup} >= 0 and threads="
                      f"{list(threads)} positive.")

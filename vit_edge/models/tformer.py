@@ -128,6 +128,24 @@ def avg_pool_same(x: jax.Array, kernel: int) -> jax.Array:
   return summed * jnp.asarray(inv[None, :, :, None], dtype=x.dtype)
 
 
+def avg_pool_same_as_window_ratio(x: jax.Array, kernel: int) -> jax.Array:
+  """:func:`avg_pool_same` as ``window_sum(x) / window_sum(ones)`` (the export form).
+
+  The same values; this is the pattern TFLite's converter lowers to one
+  AVERAGE_POOL_2D op (SAME padding leaves the padding out of its divisor, like
+  the count), where the multiply by constant inverse counts stays a window sum
+  (a slow reference kernel that int8 rejects) plus a MUL.
+  """
+  pad = kernel // 2
+  window, strides = (1, kernel, kernel, 1), (1, 1, 1, 1)
+  padding = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+  zero = np.array(0, x.dtype)
+  ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+  count = jax.lax.reduce_window(ones, zero, jax.lax.add, window, strides, padding)
+  summed = jax.lax.reduce_window(x, zero, jax.lax.add, window, strides, padding)
+  return summed / count
+
+
 def max_pool_same(x: jax.Array, kernel: int) -> jax.Array:
   """Stride-1 'same' max pooling padded with -inf (PyTorch ``MaxPool2d(k, 1, k // 2)``).
 
@@ -158,17 +176,21 @@ class HybridMixer(nn.Module):
 
   Attributes:
     kernel_sizes: pooling window sizes; every size gets an average and a max branch.
+    window_ratio: average pools as :func:`avg_pool_same_as_window_ratio` (the
+      export form), else as :func:`avg_pool_same` (faster in XLA).
     dtype: compute dtype.
   """
 
   kernel_sizes: Sequence[int] = (3, 5, 7)
+  window_ratio: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    average = avg_pool_same_as_window_ratio if self.window_ratio else avg_pool_same
     branches = []
     for k in self.kernel_sizes:
-      branches.append(avg_pool_same(x, k))
+      branches.append(average(x, k))
       branches.append(max_pool_same(x, k))
     pooled = sum(branches[1:], branches[0]) * (1.0 / len(branches))
     # Subtracting x as PoolFormer does: the residual already carries the identity.
@@ -207,30 +229,35 @@ def shuffle_folding_orders(hidden: int, groups: int) -> tuple[np.ndarray, np.nda
   return fc1_out, fc2_rows
 
 
-class GroupConv1x1Params(nn.Module):
-  """The parameters of a 1x1 group conv, laid out as ``nn.Conv``'s (kernel, bias).
+def _permuted(kernel_index=None, bias_index=None, kernel_axis: int = -1):
+  """A map_variables function reading an nn.Conv's kernel/bias in a permuted order."""
 
-  Attributes:
-    features: output channels.
-    in_per_group: input channels seen by each group (the kernel's input axis).
+  def permute(variables):
+    params = dict(variables["params"])
+    if kernel_index is not None:
+      params["kernel"] = jnp.take(params["kernel"], kernel_index, axis=kernel_axis)
+    if bias_index is not None:
+      params["bias"] = params["bias"][bias_index]
+    return {**variables, "params": params}
+
+  return permute
+
+
+def _pointwise(features: int, groups: int, dtype: Dtype, name: str,
+               permute=None, initializing: bool = False) -> nn.Module:
+  """A 1x1 group ``nn.Conv``; with `permute`, reading its parameters permuted.
+
+  The parameters stay an ``nn.Conv``'s (``kernel`` [1, 1, in / groups, out],
+  ``bias``) in their stored order either way, so layer interceptors, converters
+  and checkpoints see one layout; only the folded form reads them permuted.
   """
-
-  features: int
-  in_per_group: int
-
-  @nn.compact
-  def __call__(self) -> tuple[jax.Array, jax.Array]:
-    kernel = self.param("kernel", torch_conv_init,
-                        (1, 1, self.in_per_group, self.features), jnp.float32)
-    return kernel, self.param("bias", nn.initializers.zeros, (self.features,),
-                              jnp.float32)
-
-
-def _conv1x1(x: jax.Array, kernel: jax.Array, bias: jax.Array, groups: int) -> jax.Array:
-  y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), "VALID",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                   feature_group_count=groups)
-  return y + bias.astype(x.dtype)
+  conv = nn.Conv
+  if permute is not None:
+    # At init the stored parameters are created unpermuted (same shapes).
+    conv = nn.map_variables(nn.Conv, "params", trans_in_fn=permute,
+                            init=initializing)
+  return conv(features, (1, 1), feature_group_count=groups, dtype=dtype,
+              kernel_init=torch_conv_init, name=name)
 
 
 class PCSFFN(nn.Module):
@@ -261,16 +288,20 @@ class PCSFFN(nn.Module):
     hidden = dim * self.mlp_ratio
     # Without the shuffle each half of the output would only ever see its own half of
     # the input; the shuffle lets fc2's groups mix information from both fc1 groups.
-    k1, b1 = GroupConv1x1Params(hidden, dim // g, name="fc1")()
-    k2, b2 = GroupConv1x1Params(dim, hidden // g, name="fc2")()
     x = x.astype(self.dtype)
     if not self.fold_shuffle:
-      h = channel_shuffle(_conv1x1(x, k1, b1, g), g)
-      return _conv1x1(layers.gelu(h), k2, b2, g)
+      h = channel_shuffle(_pointwise(hidden, g, self.dtype, "fc1")(x), g)
+      return _pointwise(dim, g, self.dtype, "fc2")(layers.gelu(h))
     fc1_out, fc2_rows = shuffle_folding_orders(hidden, g)
-    h = _conv1x1(jnp.concatenate([x] * g, axis=-1) if g > 1 else x,
-                 k1[..., fc1_out], b1[fc1_out], g * g)
-    return _conv1x1(layers.gelu(h), k2[:, :, fc2_rows], b2, g)
+    init = self.is_initializing()
+    # fc1 as a g^2-group conv over the input tiled g times, emitting its outputs
+    # in the folded order; fc2 reading its input rows in that order.
+    fc1 = _pointwise(hidden, g * g, self.dtype, "fc1",
+                     _permuted(fc1_out, fc1_out, kernel_axis=3), init)
+    fc2 = _pointwise(dim, g, self.dtype, "fc2", _permuted(fc2_rows, kernel_axis=2),
+                     init)
+    h = fc1(jnp.concatenate([x] * g, axis=-1) if g > 1 else x)
+    return fc2(layers.gelu(h))
 
 
 def group_norm(dtype: Dtype, name: str) -> nn.GroupNorm:
@@ -288,7 +319,8 @@ class TFormerBlock(nn.Module):
     mlp_ratio: PCS-FFN expansion.
     groups: PCS-FFN group count.
     layer_scale_init: initial value of both layer-scale vectors.
-    fold_shuffle: see :class:`PCSFFN`.
+    fold_shuffle: the export form: see :class:`PCSFFN`, and average pools as
+      window-sum ratios (:class:`HybridMixer`).
     dtype: compute dtype.
   """
 
@@ -308,7 +340,8 @@ class TFormerBlock(nn.Module):
     drop = layers.DropPath(self.drop_path)
 
     y = group_norm(self.dtype, "norm1")(x)
-    y = HybridMixer(dtype=self.dtype, name="token_mixer")(y)
+    y = HybridMixer(window_ratio=self.fold_shuffle, dtype=self.dtype,
+                    name="token_mixer")(y)
     x = x + drop(ls1.astype(y.dtype) * y, deterministic=not train)
     y = group_norm(self.dtype, "norm2")(x)
     y = PCSFFN(self.mlp_ratio, self.groups, self.fold_shuffle, dtype=self.dtype,
@@ -360,8 +393,9 @@ class TFormer(nn.Module):
     drop_path_rate: stochastic depth, rising linearly over all blocks to this value.
     dropout_rate: dropout on the pooled features before the head.
     export_friendly: compute the same function in the form that converts best to
-      TFLite (PCS-FFN's shuffle folded into its convs, see :class:`PCSFFN`); the
-      exporter turns it on, training leaves it off.
+      TFLite (PCS-FFN's shuffle folded into its convs, see :class:`PCSFFN`;
+      average pools as window-sum ratios); :meth:`export_form` turns it on for
+      the exporter, training leaves it off.
     dtype: compute dtype (parameters stay float32).
   """
 
@@ -401,6 +435,18 @@ class TFormer(nn.Module):
     aux["pre_logits"] = x
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     return layers.classifier_head(x, self.num_classes, self.dtype), aux
+
+  def export_form(self) -> "TFormer":
+    """The same function and parameters in the form that converts best to TFLite.
+
+    vit_edge.export traces this form of every model that has one
+    (:class:`vit_edge.export.HasExportForm`).
+
+    Example::
+
+        model.export_form().apply(variables, x)  # == model.apply(variables, x)
+    """
+    return self.clone(export_friendly=True)
 
 
 def _torch_to_flax_name(name: str) -> tuple[str, ...]:

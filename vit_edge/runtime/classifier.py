@@ -28,17 +28,25 @@ def _interpreter_class():
 
 
 class TFLiteModel:
-  """A single-signature TFLite image model with float (de)quantised I/O.
+  """A single-signature TFLite model with float (de)quantised I/O.
 
-  Runs the ``serving_default`` signature one image at a time (the export has a
-  static batch of 1). Full-integer models get their input quantised and outputs
-  dequantised with the scales stored in the model, so callers always pass and
-  receive float32. XNNPACK is applied by LiteRT's default delegate.
+  Runs the ``serving_default`` signature one example at a time (the export has
+  a static batch of 1). Full-integer models get their float inputs quantised and
+  outputs dequantised with the scales stored in the model, so callers always
+  pass and receive float32 (integer inputs such as indices pass through).
+  XNNPACK is applied by LiteRT's default delegate. :meth:`predict` serves
+  image models (one input); :meth:`run` any number of named inputs.
+
+  Attributes:
+    input_names: the signature's inputs, sorted.
+    input_name, input_shape, input_dtype: those of the first input (the image of
+      an image model).
 
   Example::
 
       runner = TFLiteModel("model.tflite", num_threads=1)
       out = runner.predict(images)  # {"logits": [N, K], "probs": [N, K]}
+      out = TFLiteModel("tokens.tflite").run({"tokens": t, "mask": m})
   """
 
   def __init__(self, model: Union[str, os.PathLike, bytes],
@@ -61,10 +69,10 @@ class TFLiteModel:
       raise ValueError(f"The model has signatures {sorted(signatures)}, not "
                        f"{SIGNATURE_KEY!r}; export it with `python -m vit_edge.export`.")
     self._runner = self._interpreter.get_signature_runner(SIGNATURE_KEY)
-    inputs = self._runner.get_input_details()
-    if len(inputs) != 1:
-      raise ValueError(f"Expected one image input, got {sorted(inputs)}.")
-    (self.input_name, self._input), = inputs.items()
+    self._inputs = self._runner.get_input_details()
+    self.input_names = sorted(self._inputs)
+    self.input_name = self.input_names[0]
+    self._input = self._inputs[self.input_name]
     self._outputs = self._runner.get_output_details()
     self.input_shape = tuple(int(d) for d in self._input["shape"])
     self.input_dtype = np.dtype(self._input["dtype"])
@@ -73,16 +81,19 @@ class TFLiteModel:
   def output_names(self) -> list[str]:
     return sorted(self._outputs)
 
-  def _quantize(self, image: np.ndarray) -> np.ndarray:
-    if self.input_dtype == np.float32:
-      return image.astype(np.float32)
-    scale, zero_point = self._input["quantization"]
-    info = np.iinfo(self.input_dtype)
-    q = np.round(image / scale + zero_point)
-    return np.clip(q, info.min, info.max).astype(self.input_dtype)
+  def _quantize(self, value: np.ndarray, name: Optional[str] = None) -> np.ndarray:
+    details = self._inputs[name or self.input_name]
+    dtype = np.dtype(details["dtype"])
+    scale, zero_point = details["quantization"]
+    if dtype == np.float32 or not scale:  # Float, or a plain integer input.
+      return np.asarray(value).astype(dtype)
+    info = np.iinfo(dtype)
+    q = np.round(np.asarray(value, np.float32) / scale + zero_point)
+    return np.clip(q, info.min, info.max).astype(dtype)
 
   def _dequantize(self, name: str, value: np.ndarray) -> np.ndarray:
-    if value.dtype == np.float32:
+    scale, _ = self._outputs[name]["quantization"]
+    if value.dtype == np.float32 or not scale:  # Float, or integer indices.
       return value
     scale, zero_point = self._outputs[name]["quantization"]
     return ((value.astype(np.float32) - zero_point) * scale).astype(np.float32)
@@ -91,8 +102,12 @@ class TFLiteModel:
     """Runs preprocessed float32 images [N, H, W, C] (or one [H, W, C]).
 
     Raises:
-      ValueError: if the image shape is not the model's input shape.
+      ValueError: if the image shape is not the model's input shape, or the
+        model has several inputs (use :meth:`run`).
     """
+    if len(self.input_names) != 1:
+      raise ValueError(f"The model has inputs {self.input_names}, not one image; "
+                       "call run({name: batch, ...}) instead of predict.")
     images = np.asarray(images, np.float32)
     if images.ndim == len(self.input_shape) - 1:
       images = images[None]
@@ -105,6 +120,37 @@ class TFLiteModel:
     results: dict[str, list[np.ndarray]] = {name: [] for name in self._outputs}
     for image in images:
       out = self._runner(**{self.input_name: self._quantize(image[None])})
+      for name, value in out.items():
+        results[name].append(self._dequantize(name, value)[0])
+    return {name: np.stack(values) for name, values in results.items()}
+
+  def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output for batched named inputs ``{name: [N, ...]}``, example by example.
+
+    Raises:
+      ValueError: for missing or extra names, or shapes other than the model's.
+
+    Example::
+
+        out = runner.run({"tokens": tokens, "mask": mask})  # {name: [N, ...]}
+    """
+    if sorted(inputs) != self.input_names:
+      raise ValueError(f"The model takes inputs {self.input_names}; got "
+                       f"{sorted(inputs)}.")
+    count = None
+    for name, value in inputs.items():
+      shape = tuple(int(d) for d in self._inputs[name]["shape"])
+      if np.ndim(value) != len(shape) or np.shape(value)[1:] != shape[1:]:
+        raise ValueError(f"Input {name!r} has shape {np.shape(value)}; the model "
+                         f"takes [N, *{shape[1:]}].")
+      count = len(value) if count is None else count
+      if len(value) != count:
+        raise ValueError(f"Inputs have different batch sizes: {name!r} has "
+                         f"{len(value)}, expected {count}.")
+    results: dict[str, list[np.ndarray]] = {name: [] for name in self._outputs}
+    for i in range(count):
+      out = self._runner(**{name: self._quantize(value[i:i + 1], name)
+                            for name, value in inputs.items()})
       for name, value in out.items():
         results[name].append(self._dequantize(name, value)[0])
     return {name: np.stack(values) for name, values in results.items()}
@@ -142,6 +188,12 @@ class Classifier:
       raise FileNotFoundError(f"Model file {path!r} does not exist; export one with "
                               "`python -m vit_edge.export`.")
     self.metadata: dict[str, Any] = metadata_lib.read_metadata(path)
+    kinds = metadata_lib.output_kinds(self.metadata)
+    if "logits" not in kinds.values() and "probs" not in kinds.values():
+      raise metadata_lib.MetadataError(
+          f"{path!r} serves {kinds}, not class logits or probabilities; it is not "
+          "a classification export. Run it with TFLiteModel(path).run(...) or "
+          "export with the default serving spec (classification).")
     self.model = TFLiteModel(path, num_threads=num_threads)
     size = int(self.metadata["image_size"])
     if self.model.input_shape[1:3] != (size, size):

@@ -32,6 +32,11 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from vit_edge.runtime import litert_private
+
+# FlatBuffer file identifier of TFLite models (bytes 4..8).
+_TFLITE_IDENTIFIER = b"TFL3"
+
 
 def _status_kb(field: str) -> Optional[int]:
   try:
@@ -60,7 +65,7 @@ def _peak_rss_mb() -> float:
 
 
 def undelegated_nodes(interpreter) -> list[dict[str, Any]]:
-  """The op details (``interpreter._get_ops_details()``) of ops outside delegates.
+  """The op details (:func:`litert_private.ops_details`) of ops outside delegates.
 
   LiteRT does not expose its execution plan, so this infers it from tensors:
   an op is not delegated when an output of it feeds a DELEGATE node or is a
@@ -71,7 +76,7 @@ def undelegated_nodes(interpreter) -> list[dict[str, Any]]:
 
       [op["op_name"] for op in undelegated_nodes(interpreter)]  # [] when fully
   """
-  ops = interpreter._get_ops_details()  # pylint: disable=protected-access
+  ops = litert_private.ops_details(interpreter)
   delegates = [o for o in ops if o["op_name"] == "DELEGATE"]
   delegate_out = {t for o in delegates for t in o["outputs"]}
   needed = {t for o in delegates for t in o["inputs"]}
@@ -145,7 +150,7 @@ def measure(model_path: str, num_threads: int = 1, runs: int = 50,
     start = time.perf_counter()
     interpreter.invoke()
     times[i] = time.perf_counter() - start
-  ops = interpreter._get_ops_details()  # pylint: disable=protected-access
+  ops = litert_private.ops_details(interpreter)
   times_ms = times * 1e3
   return {"median_ms": float(np.median(times_ms)),
           "p90_ms": float(np.percentile(times_ms, 90)),
@@ -250,7 +255,7 @@ def profile_ops(model_path: str, num_threads: int = 1, runs: int = 15
         times.append(time.perf_counter() - start)
       ms = float(np.median(times)) * 1e3
       delegated = any(o["op_name"] == "DELEGATE"
-                      for o in interpreter._get_ops_details())  # pylint: disable=protected-access
+                      for o in litert_private.ops_details(interpreter))
     except (RuntimeError, ValueError):  # An op that cannot run alone: skip it.
       continue
     shapes = [list(graph.tensors[i].shape) for i in op.inputs if i >= 0]
@@ -266,6 +271,30 @@ def profile_ops(model_path: str, num_threads: int = 1, runs: int = 15
   return rows
 
 
+def model_file_problem(path: str) -> Optional[str]:
+  """Why `path` cannot be a TFLite model (missing, unreadable, wrong format), or None.
+
+  Checks the FlatBuffer file identifier, so that a wrong file gets one clear line
+  instead of LiteRT's traceback.
+
+  Example::
+
+      model_file_problem("notes.txt")  # "'notes.txt' is not a TFLite model ..."
+  """
+  try:
+    with open(path, "rb") as f:
+      head = f.read(8)
+  except FileNotFoundError:
+    return f"model file {path!r} does not exist."
+  except OSError as e:
+    return f"model file {path!r} cannot be read ({e.strerror})."
+  if len(head) < 8 or head[4:8] != _TFLITE_IDENTIFIER:
+    return (f"{path!r} is not a TFLite model: expected the file identifier "
+            f"{_TFLITE_IDENTIFIER!r} at bytes 4..8, got {head[4:8]!r}. Pass a .tflite "
+            "file, e.g. one written by `python -m vit_edge.export`.")
+  return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """CLI: prints :func:`measure`'s dict as JSON on the last line of stdout."""
   parser = argparse.ArgumentParser(prog="python -m vit_edge.runtime.latency")
@@ -276,8 +305,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--profile_ops", action="store_true",
                       help="also time every op in isolation (see profile_ops)")
   args = parser.parse_args(argv)
-  if not os.path.exists(args.model):
-    print(f"error: model file {args.model!r} does not exist.", file=sys.stderr)
+  problem = model_file_problem(args.model)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
     return 2
   if args.profile_ops:
     rows = profile_ops(args.model, args.threads)

@@ -163,6 +163,23 @@ def parse_metadata(model: bytes) -> dict[str, Any]:
   return meta
 
 
+def output_kinds(meta: dict[str, Any]) -> dict[str, str]:
+  """What each output of an export means: ``{output name: kind}``.
+
+  Kinds are those of ``vit_edge.export.serving.OUTPUT_KINDS`` ("logits",
+  "probs", "features", "dense_logits", "class_map", "tensor"). Files written
+  before the metadata recorded a ``serving`` spec are classification exports.
+
+  Example::
+
+      output_kinds(read_metadata("m.tflite"))  # {"logits": "logits", "probs": "probs"}
+  """
+  serving = meta.get("serving")
+  if not serving:
+    return {"logits": "logits", "probs": "probs"}
+  return {o["name"]: o["kind"] for o in serving["outputs"]}
+
+
 def read_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
   """Reads the vit_edge metadata of an exported .tflite file.
 
@@ -172,7 +189,8 @@ def read_metadata(path: Union[str, os.PathLike]) -> dict[str, Any]:
   Returns:
     The dict the exporter wrote: ``model``, ``image_size``, ``mean``, ``std``
     (RGB, for [0, 1] pixels), ``crop_pct``, ``interpolation``, ``label_names``,
-    ``num_classes``, ``quantize``, ``signature``, ``input``, ``outputs`` and more.
+    ``num_classes``, ``quantize``, ``signature``, ``input``, ``outputs``,
+    ``serving`` (declared inputs and outputs, see :func:`output_kinds`) and more.
 
   Raises:
     FileNotFoundError: if `path` does not exist.

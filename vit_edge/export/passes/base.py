@@ -1,0 +1,139 @@
+"""What a rewrite pass sees: the equation, its inputs and the graph around it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+GELU_MODES = ("tanh", "exact")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Switches of the rewrites.
+
+  Attributes:
+    gelu: "tanh" (one fused TFLite GELU op, |error| <= 4.8e-4) or "exact"
+      (a rational erf, |error| < 1e-6); see :mod:`.gelu`.
+    split_projections: compute each last-axis slice of a projection as its own
+      product (int8 exports: one scale per part; see :mod:`.sliced_projection`).
+  """
+
+  gelu: str = "tanh"
+  split_projections: bool = False
+
+  def __post_init__(self):
+    if self.gelu not in GELU_MODES:
+      raise ValueError(f"gelu={self.gelu!r} is not supported; expected one of "
+                       f"{GELU_MODES}.")
+
+
+@dataclasses.dataclass
+class Context:
+  """The state of one jaxpr's evaluation that passes may consult.
+
+  Attributes:
+    options: the rewrite switches.
+    read: atom -> its value (a tracer, or a concrete array for constants).
+    producers: var -> the equation that produced it (earlier equations only).
+    consumers: var -> the equations that read it.
+    cache: per-jaxpr scratch space of passes (e.g. shared max-pool cascades).
+  """
+
+  options: Options
+  read: Callable[[Any], Any]
+  producers: dict
+  consumers: dict
+  cache: dict = dataclasses.field(default_factory=dict)
+
+  def producer(self, atom, primitive: str):
+    """The equation that produced `atom` if it is a `primitive`, else None."""
+    eqn = None if is_literal(atom) else self.producers.get(atom)
+    return eqn if eqn is not None and eqn.primitive.name == primitive else None
+
+  def constant(self, atom) -> Optional[np.ndarray]:
+    """The numpy value of `atom` if it is a constant (through reshapes), else None.
+
+    Under jit every bound op yields a tracer, even of constants (a Dense bias
+    reshaped for broadcasting), so constness is traced back to the variables.
+    """
+    if is_literal(atom):
+      return np.asarray(atom.val)
+    value = self.read(atom)
+    if not is_traced(value):
+      return np.asarray(value)
+    eqn = self.producers.get(atom)
+    if eqn is None or eqn.primitive.name not in ("reshape", "broadcast_in_dim",
+                                                 "convert_element_type"):
+      return None
+    source = self.constant(eqn.invars[0])
+    if source is None:
+      return None
+    if eqn.primitive.name == "reshape":
+      return source.reshape(eqn.params["new_sizes"])
+    if eqn.primitive.name == "convert_element_type":
+      return source.astype(eqn.params["new_dtype"])
+    return broadcast_in_dim_value(source, eqn.params["shape"],
+                                  eqn.params["broadcast_dimensions"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+  """One named rewrite: `apply(eqn, invals, ctx)` -> new output(s) or None.
+
+  Attributes:
+    name: shown in docs and tests.
+    primitives: the primitive names whose equations `apply` is offered.
+    apply: returns the replacement (one value, or a list for primitives with
+      multiple results) or None when the equation is not its pattern.
+  """
+
+  name: str
+  primitives: frozenset
+  apply: Callable[..., Any]
+
+
+def bind(eqn, *invals):
+  """The equation's original primitive applied to `invals`."""
+  return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+
+
+def is_literal(atom) -> bool:
+  from jax.extend import core as jex_core  # pylint: disable=g-import-not-at-top
+  return isinstance(atom, jex_core.Literal)
+
+
+def literal_scalar(atom) -> Optional[float]:
+  """The float of a scalar literal atom, else None."""
+  if is_literal(atom) and np.size(atom.val) == 1:
+    return float(np.asarray(atom.val))
+  return None
+
+
+def is_traced(x) -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return isinstance(x, jax.core.Tracer)
+
+
+def broadcast_in_dim_value(source: np.ndarray, shape, broadcast_dimensions):
+  """numpy's version of lax.broadcast_in_dim."""
+  expanded = [1] * len(shape)
+  for axis, dim in enumerate(broadcast_dimensions):
+    expanded[dim] = source.shape[axis]
+  return np.broadcast_to(source.reshape(expanded), shape)
+
+
+def is_same_pool(eqn) -> bool:
+  """A stride-1 'same' k x k (k odd) window op over H, W of an NHWC map."""
+  p = eqn.params
+  dims, strides, padding = p["window_dimensions"], p["window_strides"], p["padding"]
+  if len(dims) != 4 or dims[0] != 1 or dims[3] != 1 or any(s != 1 for s in strides):
+    return False
+  if any(d != 1 for d in p.get("base_dilation", (1,) * 4)) or any(
+      d != 1 for d in p.get("window_dilation", (1,) * 4)):
+    return False
+  return all(k % 2 == 1 and tuple(pad) == (k // 2, k // 2)
+             for k, pad in zip(dims[1:3], padding[1:3])) and tuple(padding[0]) == (
+                 0, 0) and tuple(padding[3]) == (0, 0)
