@@ -4,6 +4,11 @@ Default (offline digits, small resolution, minutes on a 2-core CPU)::
 
     python -m vit_edge.main --config=configs/deit_small_distilled_patch16.py --workdir=workdir/deit_small_distilled_patch16
 
+Fashion-MNIST (offline IDX files; sudo apt-get install dataset-fashion-mnist)::
+
+    python -m vit_edge.main --config=configs/deit_small_distilled_patch16.py:fashion \
+        --workdir=workdir/deit_small_distilled_patch16_fashion
+
 Published ImageNet-1K recipe (TFDS imagenet2012 prepared in DATA_DIR)::
 
     python -m vit_edge.main --config=configs/deit_small_distilled_patch16.py:imagenet --config.data_dir=DATA_DIR \

@@ -4,6 +4,11 @@ Default (offline digits, small resolution, minutes on a 2-core CPU)::
 
     python -m vit_edge.main --config=configs/edgevit_xs.py --workdir=workdir/edgevit_xs
 
+Fashion-MNIST (offline IDX files; sudo apt-get install dataset-fashion-mnist)::
+
+    python -m vit_edge.main --config=configs/edgevit_xs.py:fashion \
+        --workdir=workdir/edgevit_xs_fashion
+
 Published ImageNet-1K recipe (TFDS imagenet2012 prepared in DATA_DIR)::
 
     python -m vit_edge.main --config=configs/edgevit_xs.py:imagenet --config.data_dir=DATA_DIR \

@@ -4,6 +4,11 @@ Default (offline digits, small resolution, minutes on a 2-core CPU)::
 
     python -m vit_edge.main --config=configs/tformer_l.py --workdir=workdir/tformer_l
 
+Fashion-MNIST (offline IDX files; sudo apt-get install dataset-fashion-mnist)::
+
+    python -m vit_edge.main --config=configs/tformer_l.py:fashion \
+        --workdir=workdir/tformer_l_fashion
+
 Published ImageNet-1K recipe (TFDS imagenet2012 prepared in DATA_DIR)::
 
     python -m vit_edge.main --config=configs/tformer_l.py:imagenet --config.data_dir=DATA_DIR \
