@@ -192,3 +192,23 @@ def test_profile_ops_by_isolation(model_path):
   conv = next(r for r in rows if r["op"] == "CONV_2D")
   assert conv["xnnpack"] and conv["macs"] > 0 and conv["gflops"] > 0
   assert all(r["ms"] > 0 for r in rows)
+
+
+def test_cli_classifies_every_image_and_reports_each_bad_one(model_path, digit_images,
+                                                             tmp_path, capsys):
+  unreadable = tmp_path / "notes.jpg"
+  unreadable.write_text("this is not an image")
+  missing = tmp_path / "missing.png"
+  status = classify.main([model_path, str(unreadable), digit_images["png"],
+                          str(missing), digit_images["jpg"], "--top_k", "1"])
+  assert status == 2
+  out, err = capsys.readouterr()
+  printed = [l for l in out.splitlines() if not l.startswith(" ")]
+  assert [l.split(" ")[0] for l in printed] == [digit_images["png"], digit_images["jpg"]]
+  errors = err.splitlines()
+  assert len(errors) == 3 and all(l.startswith("error: ") for l in errors)
+  assert errors[0].startswith(f"error: {unreadable}: ") and "Cannot read" in errors[0]
+  assert errors[1].startswith(f"error: {missing}: ") and "does not exist" in errors[1]
+  assert errors[2] == "error: 2 of 4 images could not be classified."
+  assert classify.main([model_path, digit_images["png"], "--top_k", "0"]) == 2
+  assert "--top_k=0 must be >= 1" in capsys.readouterr().err
