@@ -9,6 +9,8 @@ Two MAC counts are reported, because they answer different questions:
 * ``macs``: multiply-accumulates of the convolutions and matrix products only,
   counted exactly from the jaxpr (what fvcore/thop-style counters and papers
   report as "FLOPs"). This is the figure to compare with published counts.
+  Sub-graphs count as often as they run: a scan body times its length, a
+  cond/switch as its largest branch, a while body once (see _subgraph_macs).
 
 Example::
 
@@ -45,21 +47,41 @@ def count_params(params: Any) -> int:
   return sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))
 
 
-def _subjaxprs(eqn):
-  for value in eqn.params.values():
-    if isinstance(value, jax_core.ClosedJaxpr):
-      yield value.jaxpr
-    elif isinstance(value, jax_core.Jaxpr):
-      yield value
-    elif isinstance(value, (tuple, list)):
-      for v in value:
-        if isinstance(v, jax_core.ClosedJaxpr):
-          yield v.jaxpr
-        elif isinstance(v, jax_core.Jaxpr):
-          yield v
+def _closed_jaxprs(value):
+  """The jaxprs held by one equation parameter (a jaxpr, or a tuple of them)."""
+  values = value if isinstance(value, (tuple, list)) else (value,)
+  for v in values:
+    if isinstance(v, jax_core.ClosedJaxpr):
+      yield v.jaxpr
+    elif isinstance(v, jax_core.Jaxpr):
+      yield v
 
 
-def _jaxpr_macs(jaxpr: jax_core.Jaxpr) -> int:
+def _subgraph_macs(eqn) -> int:
+  """MACs of the sub-graphs of one equation, each counted as often as it runs.
+
+  A scan runs its body ``length`` times; a cond/switch runs one branch, counted
+  as its largest (the worst case, what a deployment must budget); a while loop's
+  trip count is unknown at trace time, so its body counts once (a lower bound);
+  call-like primitives (pjit, custom_jvp/vjp, checkpoint) run their body once.
+  """
+  name = eqn.primitive.name
+  if name == "cond":
+    return max((jaxpr_macs(b) for b in _closed_jaxprs(eqn.params["branches"])),
+               default=0)
+  if name == "scan":
+    return eqn.params["length"] * jaxpr_macs(eqn.params["jaxpr"].jaxpr)
+  return sum(jaxpr_macs(sub) for value in eqn.params.values()
+             for sub in _closed_jaxprs(value))
+
+
+def jaxpr_macs(jaxpr: jax_core.Jaxpr) -> int:
+  """Conv and matmul multiply-accumulates of `jaxpr`, sub-graphs included.
+
+  Example::
+
+      jaxpr_macs(jax.make_jaxpr(lambda a, b: a @ b)(a, b).jaxpr)
+  """
   total = 0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
@@ -74,8 +96,7 @@ def _jaxpr_macs(jaxpr: jax_core.Jaxpr) -> int:
       # rhs holds in_channels / feature_group_count already; divide out C_out.
       per_output = math.prod(rhs_shape) // rhs_shape[rhs_spec[0]]
       total += math.prod(eqn.outvars[0].aval.shape) * per_output
-    for sub in _subjaxprs(eqn):
-      total += _jaxpr_macs(sub)
+    total += _subgraph_macs(eqn)
   return total
 
 
@@ -90,7 +111,7 @@ def model_complexity(model: nn.Module, image_size: int, batch_size: int = 1,
     return model.apply(variables, x, train=False)
 
   closed = jax.make_jaxpr(forward)(variables, x)
-  macs = _jaxpr_macs(closed.jaxpr)
+  macs = jaxpr_macs(closed.jaxpr)
   compiled = jax.jit(forward).lower(variables, x).compile()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older JAX returned one dict per device.

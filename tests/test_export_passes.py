@@ -1,0 +1,158 @@
+"""Each export rewrite pass on a small function: the op is gone, the values stay.
+
+Also: rewrites reach every sub-graph (pjit, custom_jvp, cond/switch, scan, while).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from vit_edge.export import passes
+from vit_edge.export import rewrite
+from vit_edge.export.passes import base
+
+
+def _primitives(jaxpr) -> set:
+  """Every primitive name in `jaxpr`, sub-graphs included."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for value in eqn.params.values():
+      for v in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(v, "jaxpr", v)
+        if hasattr(inner, "eqns"):
+          names |= _primitives(inner)
+  return names
+
+
+def _check(fn, args, gone, options=base.Options(gelu="exact"), atol=1e-6,
+           present=()):
+  """`fn` rewritten: no `gone` primitive left, `present` ones there, same values."""
+  new = rewrite.rewritten(fn, *args, options=options)
+  before = _primitives(jax.make_jaxpr(fn)(*args).jaxpr)
+  after = _primitives(jax.make_jaxpr(new)(*args).jaxpr)
+  assert set(gone) <= before, (gone, before)  # The pattern was there ...
+  assert not set(gone) & after, after  # ... and is gone.
+  assert set(present) <= after, after
+  np.testing.assert_allclose(np.asarray(jax.jit(new)(*args)),
+                             np.asarray(fn(*args)), atol=atol, rtol=atol)
+  return after
+
+
+X = jnp.asarray(np.random.RandomState(0).randn(1, 6, 6, 4), jnp.float32)
+
+
+def test_passes_are_ordered_and_named():
+  names = [p.name for p in passes.PASSES]
+  assert len(set(names)) == len(names)
+  # The int8 slice split must see a slice before the strided-slice rewrite.
+  assert names.index("sliced_projection") < names.index("strided_slice")
+
+
+@pytest.mark.parametrize("gelu,atol", [("exact", 1e-6), ("tanh", 5e-4)])
+def test_gelu(gelu, atol):
+  _check(lambda x: jax.nn.gelu(x, approximate=False), (X * 3,), {"erfc"},
+         base.Options(gelu=gelu), atol=atol)
+
+
+def test_erf():
+  _check(lax.erf, (X,), {"erf"})
+
+
+def test_softmax_over_a_middle_axis_moves_to_the_last():
+  after = _check(lambda x: jax.nn.softmax(x, axis=1), (X,), set())
+  assert "transpose" in after  # Redone over the last axis between two moves.
+
+
+def test_max_pool_cascade():
+  def pools(x):
+    return sum(lax.reduce_window(x, -jnp.inf, lax.max, (1, k, k, 1), (1,) * 4,
+                                 ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+               for k in (3, 5, 7))
+
+  new = rewrite.rewritten(pools, X)
+  eqns = jax.make_jaxpr(new)(X).jaxpr.eqns
+  windows = [e.params["window_dimensions"] for e in eqns
+             if e.primitive.name == "reduce_window_max"]
+  assert windows == [(1, 3, 3, 1)] * 3  # Shared cascade: 3, 3+3, 3+3+3.
+  np.testing.assert_array_equal(jax.jit(new)(X), pools(X))
+
+
+def test_window_sum_becomes_average_pool_pattern():
+  def window_sum(x):
+    return lax.reduce_window(x, 0.0, lax.add, (1, 3, 3, 1), (1,) * 4,
+                             ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+  after = _check(window_sum, (X,), set(), atol=1e-5, present={"div"})
+  assert "reduce_window_sum" in after  # Now sum / sum(ones): AVERAGE_POOL_2D.
+
+
+def test_broadcast_into_reshape_becomes_matmul():
+  def stats(x):
+    mean = x.mean(axis=(1, 2, 3))
+    return jnp.broadcast_to(mean[:, None, None, None], x.shape).reshape(1, -1)
+
+  _check(stats, (X,), set(), present={"dot_general"}, atol=1e-6)
+  new = rewrite.rewritten(stats, X)
+  # What is left only adds unit axes or fills the ones matrix from a scalar.
+  for eqn in jax.make_jaxpr(new)(X).jaxpr.eqns:
+    if eqn.primitive.name == "broadcast_in_dim":
+      source, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+      assert source == () or np.prod(source) == np.prod(out), eqn
+
+
+def test_unit_axis_projection_becomes_conv():
+  w = np.random.RandomState(1).randn(4, 8).astype(np.float32)
+  tokens = X[:, :1, :, :]  # [1, 1, 6, 4]: a size-1 token axis.
+  _check(lambda x: x @ w, (tokens,), {"dot_general"},
+         present={"conv_general_dilated"}, atol=1e-5)
+
+
+def test_sliced_projection_splits_with_int8_option_only():
+  w = np.random.RandomState(1).randn(4, 9).astype(np.float32)
+  b = np.random.RandomState(2).randn(9).astype(np.float32)
+  fn = lambda x: (x @ w + b)[..., 1:5]
+  split = rewrite.rewritten(fn, X, options=base.Options(split_projections=True))
+  after = _primitives(jax.make_jaxpr(split)(X).jaxpr)
+  assert "slice" not in after, after  # Its own product W[:, 1:5] instead.
+  np.testing.assert_allclose(jax.jit(split)(X), fn(X), atol=1e-5)
+  kept = rewrite.rewritten(fn, X)
+  assert "slice" in _primitives(jax.make_jaxpr(kept)(X).jaxpr)
+
+
+def test_strided_slice_becomes_reshape_and_unit_slice():
+  fn = lambda x: x[:, ::2, ::3]
+  new = rewrite.rewritten(fn, X)
+  for eqn in jax.make_jaxpr(new)(X).jaxpr.eqns:
+    if eqn.primitive.name == "slice":
+      assert not eqn.params["strides"] or set(eqn.params["strides"]) == {1}
+  np.testing.assert_array_equal(jax.jit(new)(X), fn(X))
+
+
+def _gelu(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+@pytest.mark.parametrize("wrap", ["jit", "custom_jvp", "cond", "switch", "scan",
+                                  "while"])
+def test_gelu_rewritten_inside_every_subgraph(wrap):
+  def inner(x):
+    return _gelu(x) * 2.0
+
+  if wrap == "jit":
+    fn = jax.jit(inner)
+  elif wrap == "custom_jvp":
+    fn = jax.custom_jvp(inner)
+    fn.defjvp(lambda primals, tangents: (inner(*primals), tangents[0]))
+  elif wrap == "cond":
+    fn = lambda x: lax.cond(x.sum() > 0, inner, lambda y: y, x)
+  elif wrap == "switch":
+    fn = lambda x: lax.switch(1, [lambda y: y, inner, lambda y: -y], x)
+  elif wrap == "scan":
+    fn = lambda x: lax.scan(lambda c, _: (inner(c), None), x, None, length=3)[0]
+  else:
+    fn = lambda x: lax.while_loop(lambda c: c[0] < 2,
+                                  lambda c: (c[0] + 1, inner(c[1])), (0, x))[1]
+  _check(fn, (X,), {"erfc"}, base.Options(gelu="exact"), atol=1e-5)
