@@ -13,7 +13,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import ml_collections
@@ -75,16 +75,50 @@ def param_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.tree_util.tree_map(lambda x: _leaf_sharding(x, mesh), abstract_tree)
 
 
+def _divisible_suggestion(batch_size: int, num_devices: int) -> int:
+  """The nearest multiple of num_devices at or below batch_size (at least one)."""
+  return max(num_devices, batch_size // num_devices * num_devices)
+
+
+def _not_divisible(fields: dict[str, int], num_devices: int) -> Optional[str]:
+  bad = {name: size for name, size in fields.items() if size % num_devices}
+  if not bad:
+    return None
+  values = " and ".join(f"{name}={size}" for name, size in bad.items())
+  verb = "does" if len(bad) == 1 else "do"
+  fixes = " ".join(f"--{name}={_divisible_suggestion(size, num_devices)}"
+                   for name, size in bad.items())
+  return (f"{values} {verb} not divide by the {num_devices} devices of the mesh; use "
+          f"multiples of {num_devices}, e.g. {fixes}.")
+
+
 def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh,
                      what: str = "config.batch_size") -> int:
   """Returns the per-process batch; a clear error when the batch does not divide."""
-  num_devices = mesh.devices.size
-  if global_batch_size % num_devices:
-    lower = max(num_devices, global_batch_size // num_devices * num_devices)
-    raise ValueError(
-        f"{what}={global_batch_size} does not divide by the {num_devices} devices of "
-        f"the mesh; use a multiple of {num_devices}, e.g. {what}={lower}.")
+  message = _not_divisible({what: global_batch_size}, mesh.devices.size)
+  if message:
+    raise ValueError(message)
   return global_batch_size // jax.process_count()
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict,
+                      mesh: jax.sharding.Mesh) -> tuple[int, int]:
+  """Per-process (train, eval) batch sizes; one error naming every bad one.
+
+  Both config.batch_size and config.eval_batch_size must divide by the mesh's
+  device count; checking them together saves a second failed start.
+
+  Example::
+
+      local_batch, local_eval_batch = check_batch_sizes(config, mesh)
+  """
+  message = _not_divisible({"config.batch_size": config.batch_size,
+                            "config.eval_batch_size": config.eval_batch_size},
+                           mesh.devices.size)
+  if message:
+    raise ValueError(message)
+  count = jax.process_count()
+  return config.batch_size // count, config.eval_batch_size // count
 
 
 def make_global_batch(local_batch: dict[str, np.ndarray],
