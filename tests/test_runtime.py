@@ -212,3 +212,26 @@ def test_cli_classifies_every_image_and_reports_each_bad_one(model_path, digit_i
   assert errors[2] == "error: 2 of 4 images could not be classified."
   assert classify.main([model_path, digit_images["png"], "--top_k", "0"]) == 2
   assert "--top_k=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_digit_image_tool_needs_no_tensorflow(tmp_path):
+  out = str(tmp_path / "d.png")
+  # Blocking the imports proves the tool needs neither TensorFlow nor JAX.
+  code = ("import sys\n"
+          "for m in ('jax', 'jaxlib', 'tensorflow', 'flax'): sys.modules[m] = None\n"
+          "from vit_edge.tools import digit_image\n"
+          f"print(digit_image.write_digit({out!r}, index=5, size=16))\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, cwd=REPO, check=False)
+  assert result.returncode == 0, result.stderr
+  images, labels = input_pipeline.digits_arrays()["test"]  # What training serves.
+  assert int(result.stdout.strip()) == labels[5]
+  np.testing.assert_array_equal(np.asarray(Image.open(out))[::2, ::2, 0],
+                                images[5][..., 0])
+  bad = subprocess.run([sys.executable, "-m", "vit_edge.tools.digit_image",
+                        f"--out={out}", "--index=360"], capture_output=True,
+                       text=True, cwd=REPO, check=False)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines() == [
+      "error: --index=360 is out of range: the digits test split has 360 images "
+      "(0..359)."]

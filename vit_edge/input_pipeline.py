@@ -84,11 +84,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_edge import augment
+from vit_edge import digits as digits_lib
 
 DEFAULT_CROP_PCT = 0.875
-DIGITS_NUM_TEST = 360
-# The digits split must never change between runs or machines: a fixed seed.
-_DIGITS_SPLIT_SEED = 0
+DIGITS_NUM_TEST = digits_lib.NUM_TEST
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -193,26 +192,17 @@ def _in_memory_source(name: str, label_names: Sequence[str],
   return _Source(name, tuple(label_names), split_infos, read, decode, fetch)
 
 
-@functools.lru_cache(maxsize=1)
 def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """scikit-learn's digits as {"train", "test"}: (uint8 [N, 8, 8, 1], int32 [N]).
 
-  The fixed stratified split (1437 / 360) that the embedded data set serves.
+  The fixed stratified split (1437 / 360) that the embedded data set serves; see
+  `vit_edge.digits.arrays` (TensorFlow-free, for light tools).
   """
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
-  digits = sk_datasets.load_digits()
-  # 16 is the brightest value in the 0..16 digits images.
-  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  labels = digits.target.astype(np.int32)
-  train_x, test_x, train_y, test_y = model_selection.train_test_split(
-      images, labels, test_size=DIGITS_NUM_TEST, stratify=labels,
-      random_state=_DIGITS_SPLIT_SEED)
-  return {"train": (train_x, train_y), "test": (test_x, test_y)}
+  return digits_lib.arrays()
 
 
 def _digits_source() -> _Source:
-  return _in_memory_source("digits", [str(d) for d in range(10)], digits_arrays(),
+  return _in_memory_source("digits", digits_lib.LABEL_NAMES, digits_arrays(),
                            _to_rgb)
 
 

@@ -4,13 +4,20 @@
 
 The 8x8 scikit-learn digit is upscaled (nearest neighbour) to --size pixels, white on
 black, as the training pipeline sees it; the true label is printed. The classifier's
-own preprocessing (vit_edge.runtime) resizes it to the model's input.
+own preprocessing (vit_edge.runtime) resizes it to the model's input. Needs only
+numpy, scikit-learn and Pillow (no TensorFlow, no JAX).
 """
 
 from __future__ import annotations
 
+import sys
+
 from absl import app
 from absl import flags
+from PIL import Image
+
+# The TensorFlow-free copy of the data set's split: same images, same order.
+from vit_edge import digits
 
 _OUT = flags.DEFINE_string("out", "digit.png", "Destination (.png, .jpg, ...).")
 _INDEX = flags.DEFINE_integer("index", 0, "Index into the 360 test-split digits.")
@@ -22,9 +29,7 @@ def write_digit(out: str, index: int = 0, size: int = 64) -> int:
 
   Example: ``label = write_digit("digit.png", index=3)``.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from vit_edge import input_pipeline  # pylint: disable=g-import-not-at-top
-  images, labels = input_pipeline.digits_arrays()["test"]
+  images, labels = digits.arrays()["test"]
   if not 0 <= index < len(images):
     raise ValueError(f"--index={index} is out of range: the digits test split has "
                      f"{len(images)} images (0..{len(images) - 1}).")
@@ -38,7 +43,11 @@ def write_digit(out: str, index: int = 0, size: int = 64) -> int:
 
 def main(argv):
   del argv
-  label = write_digit(_OUT.value, _INDEX.value, _SIZE.value)
+  try:
+    label = write_digit(_OUT.value, _INDEX.value, _SIZE.value)
+  except (ValueError, OSError) as e:  # A bad flag or an unwritable --out.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(f"Wrote {_OUT.value}: test digit {_INDEX.value}, label {label}.")
 
 
