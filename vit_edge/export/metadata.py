@@ -48,12 +48,12 @@ def _decode(name) -> str:
   return name.decode("utf-8") if isinstance(name, bytes) else str(name)
 
 
-def check_required(metadata: dict[str, Any]) -> None:
+def check_required(metadata: dict[str, Any], spec: serving_lib.ServingSpec) -> None:
   """Raises ValueError naming the keys the runtime needs that `metadata` lacks."""
-  missing = [k for k in metadata_lib.REQUIRED_KEYS if k not in metadata]
+  required = metadata_lib.required_keys(dict(metadata, serving=spec.to_metadata()))
+  missing = [k for k in required if k not in metadata]
   if missing:
-    raise ValueError(f"metadata lacks {missing}; expected at least "
-                     f"{metadata_lib.REQUIRED_KEYS}.")
+    raise ValueError(f"metadata lacks {missing}; expected at least {required}.")
 
 
 def export_metadata(metadata: dict[str, Any], spec: serving_lib.ServingSpec, *,

@@ -101,6 +101,9 @@ def _parity_inputs(parity_images, spec, image_size: int) -> dict[str, np.ndarray
 def _spec_for(serving, metadata, parity_images) -> serving_lib.ServingSpec:
   if serving is not None:
     return serving
+  if "image_size" not in metadata:
+    raise ValueError("metadata lacks 'image_size', which the default serving spec "
+                     "(classification) needs; add it or pass serving=ServingSpec(...).")
   channels = np.shape(parity_images)[-1] if not isinstance(parity_images, dict) else 3
   return serving_lib.classification(int(metadata["image_size"]), channels)
 
@@ -155,9 +158,9 @@ def export(model, variables, out: str, *, metadata: dict[str, Any],
   modes.check_quantize(quantize)
   modes.check_gelu(gelu)
   start = time.time()
-  export_metadata_lib.check_required(metadata)
   spec = _spec_for(serving, metadata, parity_images)
-  inputs = _parity_inputs(parity_images, spec, int(metadata["image_size"]))
+  export_metadata_lib.check_required(metadata, spec)
+  inputs = _parity_inputs(parity_images, spec, int(metadata.get("image_size", 0)))
   tflite_model = convert.to_tflite(model, variables, quantize=quantize,
                                    representative_data=representative_data,
                                    integer_io=integer_io, gelu=gelu, serving=spec,

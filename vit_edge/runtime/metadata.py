@@ -156,11 +156,27 @@ def parse_metadata(model: bytes) -> dict[str, Any]:
         f"metadata_version={version!r}; this runtime reads version "
         f"{METADATA_VERSION}. Use the vit_edge release that exported the model or "
         "re-export it.")
-  missing = [k for k in REQUIRED_KEYS if k not in meta]
+  missing = [k for k in required_keys(meta) if k not in meta]
   if missing:
     raise MetadataError(f"The {METADATA_NAME!r} metadata lacks {missing}. Re-export "
                         "the model.")
   return meta
+
+
+def required_keys(meta: dict[str, Any]) -> tuple[str, ...]:
+  """The keys a file's metadata must have: :data:`REQUIRED_KEYS` for image models.
+
+  An export whose declared inputs include no ``image`` (e.g. token vectors and a
+  mask) has no resolution, normalisation or crop to record: only ``model``.
+
+  Example::
+
+      required_keys({"serving": {"inputs": [{"name": "tokens"}]}})  # ("model",)
+  """
+  serving = meta.get("serving")
+  if serving and "image" not in [t["name"] for t in serving.get("inputs", [])]:
+    return ("model",)
+  return REQUIRED_KEYS
 
 
 def output_kinds(meta: dict[str, Any]) -> dict[str, str]:
