@@ -37,13 +37,14 @@ No pretrained weights were released by the authors.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from vit_edge.models import convert
 from vit_edge.models import layers
 from vit_edge.models import registry
 
@@ -328,79 +329,30 @@ def convert_torch_state_dict(state_dict: Mapping[str, Any], model: EdgeViT) -> d
     ``{'params': ..., 'batch_stats': ...}`` as nested dicts of numpy arrays.
 
   Raises:
-    ValueError: a tensor has no Flax counterpart, a shape disagrees, or a Flax
-      variable is left without a tensor.
+    convert.StateDictMismatchError: naming every missing, unexpected and
+      mis-shaped key (a ValueError and a KeyError).
   """
-  size = TOTAL_STRIDE
-  expected = jax.eval_shape(
-      functools.partial(model.init, train=False), jax.random.key(0),
-      jnp.zeros((1, size, size, 3), jnp.float32))
-  expected = jax.tree_util.tree_map(lambda a: a.shape, nn.unbox(dict(expected)))
-  flat_expected = {
-      (col,) + path: shape
-      for col in expected
-      for path, shape in _flatten(expected[col]).items()}
-
-  out: dict = {}
-  seen = set()
-  for key, value in state_dict.items():
-    value = np.asarray(value)
-    parts = key.split(".")
-    leaf = parts[-1]
-    if leaf == "num_batches_tracked":
-      continue
-    module = []
-    for p in parts[:-1]:
-      if p.isdigit() and module and module[-1].startswith("blocks"):
-        module[-1] = f"{module[-1]}_{p}"
-      else:
-        module.append(p)
-    module = tuple(module)
-    if leaf in ("running_mean", "running_var"):
-      path = ("batch_stats",) + module + ({"running_mean": "mean",
-                                           "running_var": "var"}[leaf],)
-    elif leaf == "bias":
-      path = ("params",) + module + ("bias",)
-    elif leaf == "weight":
-      if ("params",) + module + ("scale",) in flat_expected:
-        path = ("params",) + module + ("scale",)
-      else:
-        path = ("params",) + module + ("kernel",)
-        if value.ndim == 4:
-          value = value.transpose(2, 3, 1, 0)
-        elif value.ndim == 2:
-          value = value.T
-    else:
-      raise ValueError(f"Unrecognised tensor {key!r} in the EdgeViT state_dict.")
-    if path not in flat_expected:
-      raise ValueError(
-          f"Tensor {key!r} maps to {'/'.join(path)}, which {type(model).__name__} "
-          "does not have; check the model size (depths/embed_dims) matches.")
-    if tuple(value.shape) != tuple(flat_expected[path]):
-      raise ValueError(
-          f"Tensor {key!r} -> {'/'.join(path)} has shape {value.shape} after "
-          f"conversion, expected {flat_expected[path]}.")
-    seen.add(path)
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value.astype(np.float32)
-
-  missing = sorted("/".join(p) for p in flat_expected if p not in seen)
-  if missing:
-    raise ValueError(f"The state_dict lacks {len(missing)} tensors, e.g. {missing[:5]}.")
-  return out
+  return convert.convert_state_dict(
+      state_dict, convert.variable_shapes(model, TOTAL_STRIDE, train=False),
+      torch_name=torch_name, to_flax=convert.torch_layout_to_flax, family="EdgeViT",
+      hint="Check the model size (depths/embed_dims) and num_classes.")
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple = ()) -> dict:
-  """Nested dict -> {path tuple: leaf}."""
-  flat = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      flat.update(_flatten(v, prefix + (k,)))
-    else:
-      flat[prefix + (k,)] = v
-  return flat
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "mean": "running_mean",
+               "var": "running_var"}
+
+
+def torch_name(path: Sequence[str]) -> str:
+  """The official code's state_dict key of a Flax variable path (collection first).
+
+  Example: ``torch_name(("params", "blocks3_2", "SelfAttn", "attn", "qkv",
+  "kernel")) == "blocks3.2.SelfAttn.attn.qkv.weight"``.
+  """
+  _, *modules, leaf = path
+  # Flax blocksN_i is the official nn.Sequential entry blocksN.i.
+  modules = [m.replace("_", ".") if re.fullmatch(r"blocks\d+_\d+", m) else m
+             for m in modules]
+  return ".".join(modules + [_TORCH_LEAF.get(leaf, leaf)])
 
 
 _REGISTRY_INFO = dict(family="edgevit", image_size=224, stride=TOTAL_STRIDE,

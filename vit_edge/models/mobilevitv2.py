@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_edge.models import convert
 from vit_edge.models import layers
 from vit_edge.models import registry
 
@@ -401,7 +402,6 @@ class MobileViTv2(nn.Module):
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias",
                   "mean": "running_mean", "var": "running_var"}
-_TORCH_IGNORED = ("num_batches_tracked",)
 
 
 def torch_name(path: Sequence[str]) -> str:
@@ -422,18 +422,14 @@ def torch_name(path: Sequence[str]) -> str:
   return ".".join(parts + [_LEAF_TO_TORCH[path[-1]]])
 
 
-def _from_torch(value: np.ndarray, target_shape: tuple[int, ...],
-                name: str) -> np.ndarray:
+def _from_torch(path: Sequence[str], value: np.ndarray,
+                target_shape: tuple[int, ...]) -> np.ndarray:
   """Re-lays a torch tensor out for Flax: OIHW -> HWIO, (O, I[, 1, 1]) -> (I, O)."""
-  value = np.asarray(value, np.float32)
+  del path
   if len(target_shape) == 4:
-    value = value.transpose(2, 3, 1, 0)
-  elif len(target_shape) == 2:
-    value = value.reshape(value.shape[0], -1).T
-  if value.shape != tuple(target_shape):
-    raise ValueError(f"{name}: converted shape {value.shape} does not match the "
-                     f"model's {tuple(target_shape)}; is the state_dict from the "
-                     "same mobilevitv2 width?")
+    return value.transpose(2, 3, 1, 0)
+  if len(target_shape) == 2:
+    return value.reshape(value.shape[0], -1).T
   return value
 
 
@@ -447,29 +443,14 @@ def convert_torch_state_dict(state_dict: Mapping[str, Any],
       variables = convert_torch_state_dict(sd, create_model("mobilevitv2_050"))
 
   Raises:
-    KeyError: a variable of the model is missing from the state_dict, or the
-      state_dict has tensors the model does not use (names them).
-    ValueError: a tensor has the wrong shape.
+    convert.StateDictMismatchError: naming every missing, unexpected (not used by
+      the model) and mis-shaped key (a KeyError and a ValueError).
   """
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jnp.zeros((1, 64, 64, 3), jnp.float32))
-  used = set()
-
-  def convert(path, leaf):
-    keys = tuple(k.key for k in path)
-    name = torch_name(keys[1:])
-    if name not in state_dict:
-      raise KeyError(f"state_dict has no {name!r} (for Flax {'/'.join(keys)}).")
-    used.add(name)
-    return _from_torch(state_dict[name], leaf.shape, name)
-
-  variables = jax.tree_util.tree_map_with_path(convert, dict(shapes))
-  unused = sorted(k for k in state_dict if k not in used
-                  and not k.endswith(_TORCH_IGNORED))
-  if unused:
-    raise KeyError(f"state_dict tensors not used by the model: {unused[:10]}"
-                   f"{' ...' if len(unused) > 10 else ''} (num_classes mismatch?)")
-  return variables
+  return convert.convert_state_dict(
+      state_dict, convert.variable_shapes(model, 64),
+      torch_name=lambda path: torch_name(path[1:]), to_flax=_from_torch,
+      family="MobileViTv2", hint="Check the width (mobilevitv2_050 ... _200) and "
+      "num_classes.")
 
 
 # ----------------------------------------------------------------------------

@@ -449,41 +449,16 @@ class TFormer(nn.Module):
     return self.clone(export_friendly=True)
 
 
-def _torch_to_flax_name(name: str) -> tuple[str, ...]:
-  """Maps one PyTorch parameter name to its Flax param path (see module docstring)."""
-  parts = name.split(".")
-  if parts[0] == "patch_embed":              # patch_embed.proj.weight
-    return ("patch_embed", "proj", _leaf(parts[-1], conv=True))
-  if parts[0] == "network" and parts[2] == "proj":   # network.1.proj.weight
-    return (f"network_{parts[1]}", "proj", _leaf(parts[-1], conv=True))
-  if parts[0] == "network":                  # network.K.J.<...>
-    block = f"network_{parts[1]}_{parts[2]}"
-    rest = parts[3:]
-    if len(rest) == 1:                       # layer_scale_1 / layer_scale_2
-      return (block, rest[0])
-    if rest[0] in ("norm1", "norm2"):
-      return (block, rest[0], _leaf(rest[-1], conv=False))
-    return (block, *rest[:-1], _leaf(rest[-1], conv=True))
-  if parts[0] == "norm":
-    return ("norm", _leaf(parts[-1], conv=False))
-  if parts[0] == "head":
-    return ("head", _leaf(parts[-1], conv=True))
-  raise KeyError(f"Unexpected TFormer PyTorch parameter {name!r}.")
+def _torch_name(path: Sequence[str]) -> str:
+  """The PyTorch key of a Flax variable path (collection first; module docstring).
 
-
-def _leaf(torch_leaf: str, conv: bool) -> str:
-  if torch_leaf == "bias":
-    return "bias"
-  return "kernel" if conv else "scale"
-
-
-def _to_flax_array(value: np.ndarray) -> np.ndarray:
-  value = np.asarray(value, dtype=np.float32)
-  if value.ndim == 4:                        # conv OIHW -> HWIO
-    return value.transpose(2, 3, 1, 0)
-  if value.ndim == 2:                        # Linear (out, in) -> Dense (in, out)
-    return value.T
-  return value
+  Flax ``network_K_J`` / ``network_K`` are the PyTorch ``network.K.J`` /
+  ``network.K`` Sequential entries; kernels and norm scales are ``weight``.
+  Example: ``("params", "network_0_1", "norm1", "scale")`` -> ``network.0.1.norm1.weight``.
+  """
+  _, *modules, leaf = path
+  modules = [m.replace("_", ".") if m.startswith("network_") else m for m in modules]
+  return ".".join(modules + [{"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
 
 
 def convert_torch_state_dict(state_dict: Mapping[str, np.ndarray],
@@ -507,38 +482,16 @@ def convert_torch_state_dict(state_dict: Mapping[str, np.ndarray],
     ``{'params': ...}`` matching ``model.init``'s tree (TFormer has no batch stats).
 
   Raises:
-    KeyError: a name outside the layout, or a Flax parameter left without a tensor.
-    ValueError: a tensor whose shape does not fit the model.
+    convert.StateDictMismatchError: naming every missing, unexpected and
+      mis-shaped key (a KeyError and a ValueError).
   """
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, STRIDE, STRIDE, 3))))
-  expected = {tuple(k.key for k in path): leaf.shape
-              for path, leaf in jax.tree_util.tree_flatten_with_path(
-                  abstract["params"])[0]}
-  params: dict[str, Any] = {}
-  seen = set()
-  for name, value in state_dict.items():
-    if name.endswith("num_batches_tracked"):
-      continue
-    path = _torch_to_flax_name(name)
-    array = _to_flax_array(value)
-    if path not in expected:
-      raise KeyError(f"PyTorch tensor {name!r} maps to {'/'.join(path)}, which the "
-                     "model does not have (wrong depths or num_classes?).")
-    if array.shape != tuple(expected[path]):
-      raise ValueError(f"PyTorch tensor {name!r} has shape {np.shape(value)}; "
-                       f"{'/'.join(path)} expects {tuple(expected[path])} after "
-                       "transposition.")
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = array
-    seen.add(path)
-  missing = sorted("/".join(p) for p in set(expected) - seen)
-  if missing:
-    raise KeyError(f"State dict has no tensor for {len(missing)} Flax params, e.g. "
-                   f"{missing[:5]}.")
-  return {"params": params}
+  # Imported here: the shared checker is this function's only use of it.
+  from vit_edge.models import convert  # pylint: disable=g-import-not-at-top
+
+  return convert.convert_state_dict(
+      state_dict, convert.variable_shapes(model, STRIDE), torch_name=_torch_name,
+      to_flax=convert.torch_layout_to_flax, family="TFormer",
+      hint="Check the depths, widths and num_classes.")
 
 
 def _factory(depths: Sequence[int], kwargs: dict[str, Any]) -> TFormer:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_edge.models import convert
 from vit_edge.models import layers
 from vit_edge.models import registry
 
@@ -323,21 +324,18 @@ def resize_pos_embed(pos_embed: Any, old_grid: Grid, new_grid: Grid,
 # Porting timm weights.
 
 
-def _torch_name(path: Sequence[str]) -> str:
-  """Flax param path -> timm state_dict key."""
-  *mods, leaf = path
+def torch_name(path: Sequence[str]) -> str:
+  """timm state_dict key of a Flax variable path (collection first).
+
+  Example: ``torch_name(("params", "blocks_3", "attn", "qkv", "kernel")) ==
+  "blocks.3.attn.qkv.weight"``.
+  """
+  _, *mods, leaf = path
   mods = [m.replace("blocks_", "blocks.", 1) if m.startswith("blocks_") else m
           for m in mods]
   if not mods:  # cls_token, dist_token, pos_embed.
     return leaf
   return ".".join(mods + [{"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
-
-
-def _from_torch(path: Sequence[str], value: np.ndarray) -> np.ndarray:
-  """Lays a timm tensor out as the Flax leaf at `path`."""
-  if path[-1] == "kernel":
-    return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-  return value
 
 
 def convert_torch_state_dict(state_dict: Mapping[str, Any],
@@ -359,36 +357,14 @@ def convert_torch_state_dict(state_dict: Mapping[str, Any],
     ``{"params": ...}`` (ViTs have no batch statistics).
 
   Raises:
-    KeyError: a tensor the model needs is missing, or the state_dict has extra ones.
-    ValueError: a tensor's shape differs from the model's.
+    convert.StateDictMismatchError: naming every missing, unexpected and
+      mis-shaped key (a KeyError and a ValueError).
   """
-  size = model.image_size
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jnp.zeros((1, size, size, 3), jnp.float32))["params"]
-  flat = {tuple(k.key for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-  used, out = set(), {}
-  for path, leaf in flat.items():
-    name = _torch_name(path)
-    if name not in state_dict:
-      raise KeyError(f"state_dict lacks {name!r} (needed for Flax param "
-                     f"{'/'.join(path)}); is it a timm ViT/DeiT of the same variant?")
-    value = _from_torch(path, np.asarray(state_dict[name], dtype=np.float32))
-    if value.shape != leaf.shape:
-      raise ValueError(
-          f"{name!r} has shape {value.shape} after layout conversion but the model "
-          f"expects {leaf.shape} at {'/'.join(path)}. Check the model size, "
-          "num_classes and image_size (resize_pos_embed for another resolution).")
-    used.add(name)
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = jnp.asarray(value)
-  extra = sorted(set(state_dict) - used)
-  if extra:
-    raise KeyError(f"state_dict has tensors the model does not use: {extra[:8]}"
-                   f"{' ...' if len(extra) > 8 else ''}. Wrong variant (distilled?)?")
-  return {"params": out}
+  return convert.convert_state_dict(
+      state_dict, convert.variable_shapes(model, model.image_size),
+      torch_name=torch_name, to_flax=convert.torch_layout_to_flax, family="ViT/DeiT",
+      hint="Check the variant (distilled?), num_classes and image_size "
+           "(vit.resize_pos_embed for another resolution).")
 
 
 # ---------------------------------------------------------------------------
