@@ -235,3 +235,14 @@ def test_digit_image_tool_needs_no_tensorflow(tmp_path):
   assert bad.stderr.strip().splitlines() == [
       "error: --index=360 is out of range: the digits test split has 360 images "
       "(0..359)."]
+
+
+def test_latency_cli_on_a_non_tflite_file_is_one_clear_line(tmp_path, capsys):
+  bogus = tmp_path / "notes.tflite"
+  bogus.write_text("this is not a flatbuffer")
+  assert latency.main([str(bogus)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and str(bogus) in err
+  assert err.startswith("error:") and "is not a TFLite model" in err
+  assert latency.main([str(tmp_path / "missing.tflite")]) == 2
+  assert "does not exist" in capsys.readouterr().err

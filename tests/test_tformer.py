@@ -4,6 +4,7 @@ Tiny resolutions and batch 2 keep them fast; full-size models only via jax.eval_
 Exact parameter counts are pinned in tests/test_models.py, not here.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -268,3 +269,32 @@ def test_registry_and_full_size_shapes(name, top1):
   logits, aux = jax.eval_shape(model.apply, variables, x)
   assert logits.shape == (1, 1000)
   assert aux["stage4"].shape == (1, 7, 7, 512)
+
+
+def test_every_weight_goes_through_dense_or_conv():
+  """Tools that intercept nn.Dense / nn.Conv calls see every parameter."""
+  model = tformer.TFormer(**TINY)
+  x = _input()
+  variables = _init(model, x)
+  seen = set()
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, (nn.Dense, nn.Conv)):
+      seen.add(context.module.path)
+    return next_fun(*args, **kwargs)
+
+  for form in (model, model.export_form()):
+    seen.clear()
+    with nn.intercept_methods(record):
+      form.apply(variables, x)
+    kernels = {path[:-1] for path, _ in jax.tree_util.tree_flatten_with_path(
+        variables["params"])[0] if path[-1].key == "kernel"}
+    kernels = {tuple(k.key for k in path) for path in kernels}
+    assert kernels and kernels <= seen, kernels - seen
+
+
+def test_export_form_is_the_documented_protocol():
+  from vit_edge import export  # pylint: disable=g-import-not-at-top
+  model = tformer.TFormer(**TINY)
+  assert isinstance(model, export.HasExportForm)
+  assert model.export_form().export_friendly and not model.export_friendly
