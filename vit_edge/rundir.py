@@ -139,8 +139,9 @@ def _read_json(path: str, workdir: str) -> Any:
   except FileNotFoundError:
     raise _not_a_run(workdir, path) from None
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); the run directory is damaged. "
-                     "Restore the file or train into a new --workdir.") from e
+    raise ValueError(f"{path} is not valid JSON ({e}): it was cut short or edited. "
+                     "Restore it, delete it to continue the run with the new config, "
+                     "or train into a new --workdir.") from e
 
 
 def load_config_dict(workdir: str) -> dict[str, Any]:
