@@ -76,12 +76,19 @@ def test_console_filter_keeps_noise_in_the_log_file():
     (["--config=configs/nope.py"], "error: config file 'configs/nope.py' does not exist"),
     (["--config=configs/tformer_s.py:nope"], "Unknown config variant(s) ['nope']"),
     (["extra_arg"], "error: unexpected arguments ['extra_arg']"),
+    (["--mode=foo"], "error: flag --mode=foo: value should be one of <train|eval>"),
 ])
 def test_command_line_errors_are_one_line(tmp_path, args, expected):
   proc = _run(f"--config={TINY}", f"--workdir={tmp_path}", *args, timeout=300)
   assert proc.returncode == 2
   assert expected in _one_error_line(proc)
   assert not os.listdir(tmp_path)
+
+
+def test_missing_config_flag_says_how():
+  proc = _run(timeout=300)
+  assert proc.returncode == 2
+  assert "error: --config is required" in _one_error_line(proc)
 
 
 def test_show_config_prints_every_field_with_overrides():

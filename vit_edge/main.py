@@ -239,6 +239,9 @@ def _flag_error_message(argv: Sequence[str], error: Exception) -> str:
   """The one line that explains why flag parsing failed."""
   spec = _config_spec(argv)
   if spec is None:
+    if "--config=None" in str(error):
+      return ("--config is required: a file of configs/, e.g. "
+              "--config=configs/tformer_s.py (add --show_config to list its fields)")
     return _first_line(error)
   try:
     config = load_config_file(spec)
