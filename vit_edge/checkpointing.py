@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
@@ -109,7 +110,21 @@ def load_state(path: str, step: Optional[int] = None) -> dict[str, Any]:
         f"{path!r} holds no Orbax checkpoint (expected a workdir, its checkpoints/ "
         "directory, or a checkpoints/<step> directory). Train first with "
         "python -m vit_edge.main --config=... --workdir=...")
-  return ocp.StandardCheckpointer().restore(item)
+  return _restore_on_this_host(item)
+
+
+def _restore_on_this_host(item: str) -> dict[str, Any]:
+  """Restores a checkpoint item onto one local device, whatever topology saved it.
+
+  Without a target Orbax reuses the saving run's shardings, which fails on a
+  machine with another device count (a run trained on 8 devices, exported or used
+  as a teacher on 1).
+  """
+  metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(item))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  return ocp.StandardCheckpointer().restore(item, target)
 
 
 def load_params(path: str) -> dict[str, Any]:
@@ -137,7 +152,7 @@ def init_from(state: Any, path: str, shardings: Any, grid: int) -> Any:
   for collection in ("params", "batch_stats"):
     if not state.get(collection):
       continue
-    merged = _merge_for_fine_tuning(state[collection], loaded.get(collection) or {},
+    merged = merge_for_fine_tuning(state[collection], loaded.get(collection) or {},
                                     path, collection, grid)
     new_state[collection] = jax.tree_util.tree_map(
         lambda x, s: jax.device_put(jnp.asarray(x), s), merged, shardings[collection])
@@ -146,9 +161,15 @@ def init_from(state: Any, path: str, shardings: Any, grid: int) -> Any:
   return new_state
 
 
-def _merge_for_fine_tuning(new_tree: Any, old_tree: Any, path: str, collection: str,
+def merge_for_fine_tuning(new_tree: Any, old_tree: Any, path: str, collection: str,
                            grid: int) -> Any:
-  """`new_tree` with every variable replaced by `old_tree`'s (see init_from)."""
+  """`new_tree` with each variable taken from `old_tree` by init_from's rules.
+
+  Equal shapes are copied, a ViT ``pos_embed`` is resized to `grid`, a head of
+  another shape stays as in `new_tree`; anything else is a ValueError naming the
+  variable. Also used to place imported PyTorch weights into a fresh train state.
+  Example: ``merge_for_fine_tuning(state["params"], old_params, "run", "params", 14)``.
+  """
   from vit_edge.models import vit  # pylint: disable=g-import-not-at-top
 
   flat_old = ocp.tree.to_flat_dict(old_tree) if old_tree else {}

@@ -224,12 +224,14 @@ class Relation(Term):
     return model.clone(qkv_block=model.depth // 2 - 1 if block is None else block)
 
   def adapt_student(self, model):
+    model = self._with_qkv(model, self.student_block, "student")
     self._prefix["student"] = model.num_prefix_tokens
-    return self._with_qkv(model, self.student_block, "student")
+    return model
 
   def adapt_teacher(self, model):
+    model = self._with_qkv(model, self.teacher_block, "teacher")
     self._prefix["teacher"] = model.num_prefix_tokens
-    return self._with_qkv(model, self.teacher_block, "teacher")
+    return model
 
   def _tokens(self, aux: dict[str, jax.Array], who: str, same_prefix: bool
               ) -> dict[str, jax.Array]:
