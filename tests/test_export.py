@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -249,3 +250,13 @@ def test_workdir_export_at_another_resolution(trained_workdir, tmp_path):
   assert report.max_abs_logit_diff <= report.tolerance
   with pytest.raises(ValueError, match="not a positive multiple of the total stride"):
     export.export_from_workdir(trained_workdir, out, image_size=50)
+
+
+def test_python_dash_m_entry_point_reports_errors_in_one_line():
+  proc = subprocess.run(
+      [sys.executable, "-m", "vit_edge.export", "--model=edgevit_xxs",
+       "--image_size=50", "--out=/nonexistent/m.tflite"],
+      capture_output=True, text=True, check=False, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "error: image_size=50 is not a positive multiple")

@@ -73,6 +73,10 @@ def to_tflite(model, variables, image_size: int = 0, channels: int = 3, *,
                      "(export_from_workdir and export_from_registry provide one).")
   if integer_io and quantize != "int8":
     raise ValueError(f"integer_io=True needs quantize='int8'; got {quantize!r}.")
+  if serving is None and image_size < 1:
+    raise ValueError(f"image_size={image_size}: the default serving spec "
+                     "(classification) needs the input side, e.g. "
+                     "to_tflite(model, variables, 224); or pass serving=.")
   spec = serving or serving_lib.classification(image_size, channels)
   converter = _converter(model, variables, spec, gelu, quantize)
   if quantize != "int8":

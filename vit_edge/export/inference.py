@@ -70,6 +70,10 @@ def inference_function(model, variables, image_size: int = 0, channels: int = 3,
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   options = base.Options(gelu=gelu, split_projections=split_projections)
+  if serving is None and image_size < 1:
+    raise ValueError(f"image_size={image_size}: the default serving spec "
+                     "(classification) needs the input side, e.g. "
+                     "inference_function(model, variables, 224); or pass serving=.")
   spec = serving or serving_lib.classification(image_size, channels)
   model = export_model(model)
   examples = [jnp.zeros(t.shape, t.dtype) for t in spec.inputs]

@@ -117,12 +117,7 @@ class TFLiteModel:
           f"{self.input_shape[0]}); got {tuple(images.shape[1:])}. Preprocess "
           "with vit_edge.runtime.preprocess (it resizes to the model's size) or "
           "use Classifier.classify on the raw image.")
-    results: dict[str, list[np.ndarray]] = {name: [] for name in self._outputs}
-    for image in images:
-      out = self._runner(**{self.input_name: self._quantize(image[None])})
-      for name, value in out.items():
-        results[name].append(self._dequantize(name, value)[0])
-    return {name: np.stack(values) for name, values in results.items()}
+    return self.run({self.input_name: images})
 
   def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every output for batched named inputs ``{name: [N, ...]}``, example by example.
