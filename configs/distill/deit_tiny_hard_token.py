@@ -2,8 +2,10 @@
 from a trained teacher's hard decisions through its distillation token.
 
 Loss ``(1-a) CE(z_cls, y) + a CE(z_dist, argmax z_T)``, a = 0.5 (DeiT); inference
-averages the two heads. Train the teacher first (configs/distill/teacher.py)::
+averages the two heads. Train the teacher first (EdgeViT-XXS, the same recipe)::
 
+    python -m vit_edge.main --config=configs/edgevit_xxs.py:fashion \
+        --workdir=workdir/fashion_teacher
     python -m vit_edge.main --config=configs/distill/deit_tiny_hard_token.py \
         --config.teacher.workdir=workdir/fashion_teacher --workdir=workdir/deit_hard
 

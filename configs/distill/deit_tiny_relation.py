@@ -4,7 +4,7 @@ the middle block of each (block depth // 2 - 1), weights (0.2, 0.1, 0.3), on top
 label cross-entropy. Relations are tokens x tokens, so teacher and student widths
 may differ; both must see the same patch grid. Train the ViT teacher first::
 
-    python -m vit_edge.main --config=configs/distill/teacher.py:deit_small_patch16 \
+    python -m vit_edge.main --config=configs/deit_small_patch16.py:fashion \
         --workdir=workdir/fashion_vit_teacher
     python -m vit_edge.main --config=configs/distill/deit_tiny_relation.py \
         --config.teacher.workdir=workdir/fashion_vit_teacher --workdir=workdir/deit_rel

@@ -1,6 +1,6 @@
 """Distillation benchmark on Fashion-MNIST: prints one Markdown table (not run by tests).
 
-Trains the teachers of configs/distill/, then each student of an experiment with
+Trains each experiment's teacher (``configs/<teacher>.py:fashion``), then each student of an experiment with
 plain cross-entropy (``--seeds`` seeds: the seed-to-seed spread) and with its
 distillation objective (the same steps and data order: seed 0's), one subprocess
 per run, each in its own workdir under ``--workdir`` (a finished run is not
@@ -8,6 +8,10 @@ retrained: the rerun only re-evaluates)::
 
     python -m vit_edge.tools.bench_distill --workdir=/tmp/distill_runs \
         --experiments=hard_token,soft_kd,relation --seeds=0,1
+
+``--reuse=RUN=DIR`` takes a finished run directory instead of training RUN (e.g.
+``--reuse=teacher_edgevit_xxs=/tmp/fashion_runs/edgevit_xxs``, a run of
+``tools.bench_train --config_arg=fashion``); it is only re-evaluated.
 
 Rows: experiment, student, objective, seed, steps, wall minutes, eval top-1 and
 the gain of each distilled run over the mean of its plain runs.
@@ -31,6 +35,9 @@ _EXPERIMENTS = flags.DEFINE_list("experiments", ["hard_token", "soft_kd", "relat
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds of the plain-CE baselines.")
 _DISTILLED_SEEDS = flags.DEFINE_list("distilled_seeds", ["0"],
                                      "Seeds of the distilled runs.")
+_REUSE = flags.DEFINE_multi_string(
+    "reuse", [], "RUN=DIR: use the finished run DIR for the run named RUN "
+    "(teacher_<model>, <experiment>_plain_s<seed>, <experiment>_distilled_s<seed>).")
 _EXTRA = flags.DEFINE_multi_string(
     "extra", [], "Extra --config.* flags for every run, e.g. "
     "--extra=--config.num_epochs=1 for a quick pass.")
@@ -42,22 +49,33 @@ _DISTILL = os.path.join(REPO, "configs", "distill")
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   config: str          # configs/distill/<config>.py: the distilled student.
-  teacher_arg: str     # configs/distill/teacher.py:<arg>: its teacher.
+  teacher: str         # configs/<teacher>.py:fashion trains its teacher.
   student: str
 
 
 EXPERIMENTS = {
-    "hard_token": Experiment("deit_tiny_hard_token", "edgevit_xs",
+    "hard_token": Experiment("deit_tiny_hard_token", "edgevit_xxs",
                              "deit_tiny_distilled_patch16"),
-    "soft_kd": Experiment("mobilevitv2_050_soft_kd", "edgevit_xs", "mobilevitv2_050"),
+    "soft_kd": Experiment("mobilevitv2_050_soft_kd", "edgevit_xxs", "mobilevitv2_050"),
     "relation": Experiment("deit_tiny_relation", "deit_small_patch16",
                            "deit_tiny_patch16"),
 }
 
 
-def train_run(config: str, workdir: str, *config_flags: str
+def _workdir(run: str) -> str:
+  """The run's directory under --workdir; a link to the --reuse directory if given."""
+  workdir = os.path.join(_WORKDIR.value, run)
+  reuse = dict(item.split("=", 1) for item in _REUSE.value)
+  if run in reuse and not os.path.exists(workdir):
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    os.symlink(os.path.abspath(reuse[run]), workdir)
+  return workdir
+
+
+def train_run(config: str, run: str, *config_flags: str
               ) -> tuple[dict[str, float], float]:
-  """Trains `config` (path[:arg]) into workdir in a subprocess: (final metrics, s)."""
+  """Trains `config` (path[:arg]) as `run` in a subprocess: (final metrics, s)."""
+  workdir = _workdir(run)
   cmd = [sys.executable, "-m", "vit_edge.main", f"--config={config}",
          f"--workdir={workdir}", *config_flags, *_EXTRA.value]
   start = time.time()
@@ -71,31 +89,30 @@ def _top1(results: dict[str, float]) -> float:
   return 100 * results.get("eval_ema/top1", results["eval/top1"])
 
 
-def _teacher(arg: str) -> str:
-  workdir = os.path.join(_WORKDIR.value, f"teacher_{arg}")
-  results, seconds = train_run(os.path.join(_DISTILL, "teacher.py") + f":{arg}",
-                               workdir)
-  print(f"| teacher | {arg} | cross_entropy | 0 | {results['step']} | "
+def _teacher(model: str) -> str:
+  run = f"teacher_{model}"
+  config = os.path.join(REPO, "configs", f"{model}.py") + ":fashion"
+  results, seconds = train_run(config, run)
+  print(f"| teacher | {model} | cross_entropy | 0 | {results['step']} | "
         f"{seconds / 60:.1f} | {_top1(results):.2f} | |", flush=True)
-  return workdir
+  return _workdir(run)
 
 
 def run_experiment(name: str, teachers: dict[str, str]) -> None:
   exp = EXPERIMENTS[name]
   config = os.path.join(_DISTILL, exp.config + ".py")
-  teacher_flag = f"--config.teacher.workdir={teachers[exp.teacher_arg]}"
+  teacher_flag = f"--config.teacher.workdir={teachers[exp.teacher]}"
   plain = []
   for seed in _SEEDS.value:
-    results, seconds = train_run(
-        config, os.path.join(_WORKDIR.value, f"{name}_plain_s{seed}"),
-        "--config.objective.name=cross_entropy", f"--config.seed={seed}")
+    results, seconds = train_run(config, f"{name}_plain_s{seed}",
+                                 "--config.objective.name=cross_entropy",
+                                 f"--config.seed={seed}")
     plain.append(_top1(results))
     print(f"| {name} | {exp.student} | cross_entropy | {seed} | {results['step']} | "
           f"{seconds / 60:.1f} | {plain[-1]:.2f} | |", flush=True)
   for seed in _DISTILLED_SEEDS.value:
-    results, seconds = train_run(
-        config, os.path.join(_WORKDIR.value, f"{name}_distilled_s{seed}"),
-        teacher_flag, f"--config.seed={seed}")
+    results, seconds = train_run(config, f"{name}_distilled_s{seed}", teacher_flag,
+                                 f"--config.seed={seed}")
     gain = _top1(results) - sum(plain) / len(plain)
     print(f"| {name} | {exp.student} | distilled | {seed} | {results['step']} | "
           f"{seconds / 60:.1f} | {_top1(results):.2f} | {gain:+.2f} |", flush=True)
@@ -115,9 +132,9 @@ def main(argv):
   print("|---|---|---|---:|---:|---:|---:|---:|")
   teachers = {}
   for name in _EXPERIMENTS.value:
-    arg = EXPERIMENTS[name].teacher_arg
-    if arg not in teachers:
-      teachers[arg] = _teacher(arg)
+    model = EXPERIMENTS[name].teacher
+    if model not in teachers:
+      teachers[model] = _teacher(model)
     run_experiment(name, teachers)
 
 
