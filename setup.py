@@ -21,6 +21,9 @@ INSTALL_REQUIRES = [
     # Ships the real 8x8 digits data set used as the offline default.
     "scikit-learn",
     "matplotlib",
+    # vit_edge.tools.import_torch reads PyTorch weights from .safetensors without
+    # torch (not a dependency); 0.8.0 ships wheels for Python 3.11.
+    "safetensors==0.8.0",
 ]
 
 EXTRAS_REQUIRE = {

@@ -14,8 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
-import re
 from typing import Any, Optional
 
 from absl import logging
@@ -27,8 +27,27 @@ from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
+from vit_edge import rundir
+
 # The metric that ranks checkpoints for "keep the best".
-BEST_METRIC = "eval/top1"
+BEST_METRIC = rundir.BEST_METRIC
+
+
+def _best_metric(metrics: dict[str, float]) -> float:
+  return metrics[BEST_METRIC]
+
+
+class _NoMetricsWarningFilter(std_logging.Filter):
+  """Drops Orbax's warning for a save without metrics: most saves have no eval."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+def _install_filter(target: Any, filter_class: type[std_logging.Filter]) -> None:
+  """Adds one `filter_class` instance to a logger or handler (idempotent)."""
+  if not any(isinstance(f, filter_class) for f in target.filters):
+    target.addFilter(filter_class())
 
 
 class CheckpointManager:
@@ -42,13 +61,19 @@ class CheckpointManager:
     policies = [preservation_policy.LatestN(n=config.keep)]
     if config.keep_best:
       policies.append(preservation_policy.BestN(
-          get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+          get_metric_fn=_best_metric, n=1,
           keep_checkpoints_without_metrics=False))
+    # best_fn makes Orbax write each checkpoint's metrics to disk (it keeps them in
+    # memory otherwise): without them a restarted run no longer knows which
+    # checkpoint is the best and deletes it at its next save. Retention itself is
+    # the preservation policy's.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation_policy.AnyPreservationPolicy(policies),
+        best_fn=_best_metric, best_mode="max",
         cleanup_tmp_directories=True,
         enable_async_checkpointing=config.async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    _install_filter(std_logging.getLogger("absl"), _NoMetricsWarningFilter)
 
   def save(self, step: int, state: Any, metrics: Optional[dict[str, float]]) -> None:
     metrics = metrics if metrics and BEST_METRIC in metrics else None
@@ -94,22 +119,14 @@ def load_state(path: str, step: Optional[int] = None) -> dict[str, Any]:
     step: which step when `path` holds several (newest when None).
   """
   path = os.path.abspath(path)
-  for candidate in (path, os.path.join(path, "checkpoints")):
-    if not os.path.isdir(candidate):
-      continue
-    steps = sorted(int(d) for d in os.listdir(candidate) if re.fullmatch(r"\d+", d))
-    if steps:
-      if step is not None and step not in steps:
-        raise FileNotFoundError(f"No checkpoint for step {step} in {candidate}; "
-                                f"available steps: {steps}.")
-      path = os.path.join(candidate, str(step if step is not None else steps[-1]))
-      break
-  item = os.path.join(path, "default")
-  if not os.path.isdir(item):
-    raise FileNotFoundError(
-        f"{path!r} holds no Orbax checkpoint (expected a workdir, its checkpoints/ "
-        "directory, or a checkpoints/<step> directory). Train first with "
-        "python -m vit_edge.main --config=... --workdir=...")
+  if not os.path.isdir(os.path.join(path, rundir.STATE_ITEM)):
+    if not rundir.checkpoint_steps(path):
+      raise FileNotFoundError(
+          f"{path!r} holds no Orbax checkpoint (expected a workdir, its checkpoints/ "
+          "directory, or a checkpoints/<step> directory). Train first with "
+          "python -m vit_edge.main --config=... --workdir=...")
+    path = rundir.checkpoint_path(path, step)
+  item = os.path.join(path, rundir.STATE_ITEM)
   return _restore_on_this_host(item)
 
 
