@@ -63,6 +63,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   c.eval_batch_size = 128
   c.shuffle_buffer = 2048
   c.cache = True
+  # Image folders: "error" stops on undecodable files / empty class folders, naming
+  # them; "skip" leaves them out with one warning.
+  c.bad_images = "error"
 
   c.aug = ml_collections.ConfigDict()
   c.aug.random_resized_crop = False

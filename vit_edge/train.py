@@ -18,9 +18,7 @@ Example::
 """
 
 import functools
-import json
 import math
-import os
 import time
 from typing import Any, Iterator
 
@@ -43,6 +41,7 @@ from vit_edge import input_pipeline
 from vit_edge import models
 from vit_edge import objectives
 from vit_edge import optimizer
+from vit_edge import rundir
 from vit_edge import sharding
 
 State = dict[str, Any]
@@ -197,11 +196,17 @@ class Trainer:
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.create_mesh(config.mesh)
-    self.local_batch = sharding.check_batch_size(config.batch_size, self.mesh)
-    self.local_eval_batch = sharding.check_batch_size(
-        config.eval_batch_size, self.mesh, "config.eval_batch_size")
+    self.local_batch, self.local_eval_batch = sharding.check_batch_sizes(
+        config, self.mesh)
     self.ds_info = input_pipeline.get_info(config)
     self.model_info = models.get_model_info(config.model)
+    self.dataset_info = {
+        "name": self.ds_info.name, "num_classes": self.ds_info.num_classes,
+        "label_names": list(self.ds_info.label_names or []),
+        "image_size": config.image_size, "mean": list(self.model_info.mean),
+        "std": list(self.model_info.std)}
+    # Refuses a workdir of another experiment before anything is written to it.
+    self.run_changes = rundir.check_run_dir(workdir, config, self.dataset_info)
     self.objective, teacher_variables = objectives.create_objective(
         config, student_image_size=config.image_size, student_mean=self.model_info.mean,
         student_std=self.model_info.std)
@@ -230,7 +235,7 @@ class Trainer:
         local_batch_size=self.local_eval_batch,
         process_index=jax.process_index(), process_count=jax.process_count())
     self.checkpoints = checkpointing.CheckpointManager(
-        os.path.join(workdir, "checkpoints"), config.checkpoint)
+        rundir.checkpoints_dir(workdir), config.checkpoint)
 
     replicated = sharding.replicated(self.mesh)
     batch_sharding = sharding.batch_sharding(self.mesh)
@@ -295,15 +300,8 @@ class Trainer:
     """config.json and dataset_info.json: what export and evaluation need later."""
     if jax.process_index() != 0:
       return
-    os.makedirs(self.workdir, exist_ok=True)
-    with open(os.path.join(self.workdir, "config.json"), "w") as f:
-      f.write(self.config.to_json_best_effort(indent=2))
-    with open(os.path.join(self.workdir, "dataset_info.json"), "w") as f:
-      json.dump({"name": self.ds_info.name, "num_classes": self.ds_info.num_classes,
-                 "label_names": list(self.ds_info.label_names or []),
-                 "image_size": self.config.image_size,
-                 "mean": list(self.model_info.mean), "std": list(self.model_info.std)},
-                f, indent=2)
+    rundir.write_run_files(self.workdir, self.config, self.dataset_info,
+                           self.run_changes)
 
 
 def _check_finite(metrics: dict[str, float], step: int, workdir: str) -> None:
@@ -394,16 +392,8 @@ def load_trained_model(workdir: str, step: int | None = None, use_ema: bool = Tr
       model, variables, config, info = load_trained_model("workdir/tformer_s")
       logits, _ = model.apply(variables, images, train=False)
   """
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(
-        f"{config_path} does not exist: --workdir={workdir!r} is not a training run "
-        "directory. Train first: python -m vit_edge.main --config=configs/<model>.py "
-        f"--workdir={workdir}")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  with open(os.path.join(workdir, "dataset_info.json")) as f:
-    dataset_info = json.load(f)
+  config = rundir.load_config(workdir)
+  dataset_info = rundir.load_dataset_info(workdir)
   model = build_model(config, dataset_info["num_classes"])
   state = checkpointing.load_state(workdir, step)
   params = state["ema_params"] if use_ema and state.get("ema_params") else state["params"]
