@@ -5,6 +5,12 @@ A save is atomic (Orbax writes to a temporary directory and renames it), so a ru
 killed at any moment keeps every checkpoint that had finished; the unfinished
 temporary directory is removed on the next start.
 
+A save that fails (disk full, permissions, ...) raises :class:`CheckpointSaveError`
+at the next step at the latest (saves run in the background), after the save in
+flight is over; its one-line message names the cause, the path and the newest
+intact checkpoint. The directory is probed for writing before training starts.
+Orbax's own tracebacks of a failed save go to the log file, not the console.
+
 Example::
 
     manager = CheckpointManager("/tmp/run/checkpoints", config.checkpoint)
@@ -14,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import logging as std_logging
 import os
 from typing import Any, Optional
@@ -26,11 +33,19 @@ import numpy as np
 from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
+# No public API unblocks the threads of a save that failed (see
+# CheckpointManager._release_waiting_threads).
+from orbax.checkpoint._src.futures import future
+from orbax.checkpoint._src.futures import synchronization
 
 from vit_edge import rundir
 
 # The metric that ranks checkpoints for "keep the best".
 BEST_METRIC = rundir.BEST_METRIC
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written; the message says why, where, what is kept."""
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
@@ -42,6 +57,19 @@ class _NoMetricsWarningFilter(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     return "did not provide metrics" not in record.getMessage()
+
+
+class _OrbaxTracebackFilter(std_logging.Filter):
+  """Keeps Orbax's tracebacks of a failed save off the console.
+
+  One failed save logs hundreds of lines from Orbax's threads; the run reports it
+  as one CheckpointSaveError line instead. Installed on the console handler only,
+  so the log file (vit_edge.main's train.log) keeps them.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    from_orbax = "/orbax/" in record.pathname
+    return not (from_orbax and record.levelno >= std_logging.ERROR)
 
 
 def _install_filter(target: Any, filter_class: type[std_logging.Filter]) -> None:
@@ -73,15 +101,107 @@ class CheckpointManager:
         cleanup_tmp_directories=True,
         enable_async_checkpointing=config.async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._in_flight: Optional[int] = None  # Step of the save not yet checked.
+    self._operation: Optional[str] = None  # Its Orbax operation id.
     _install_filter(std_logging.getLogger("absl"), _NoMetricsWarningFilter)
+    _install_filter(logging.get_absl_handler(), _OrbaxTracebackFilter)
+
+  def check_writable(self) -> None:
+    """Fails before training when the checkpoint directory cannot be written.
+
+    Raises:
+      CheckpointSaveError: naming the directory, the cause and the fix.
+    """
+    probe = os.path.join(self.directory,
+                         f".write_probe.{jax.process_index()}.{os.getpid()}")
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      with open(probe, "w") as f:
+        f.write("probe")
+      os.remove(probe)
+    except OSError as e:
+      raise CheckpointSaveError(
+          f"Cannot write checkpoints to {self.directory}: {_cause(e)}. Nothing was "
+          f"trained. {_fix(e, self.directory)}") from None
 
   def save(self, step: int, state: Any, metrics: Optional[dict[str, float]]) -> None:
+    """Starts saving `state` as checkpoint `step` (in the background when async).
+
+    Raises:
+      CheckpointSaveError: this save or the previous one failed.
+    """
+    self.wait()  # Orbax waits for the previous save anyway; its error names it.
     metrics = metrics if metrics and BEST_METRIC in metrics else None
-    self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
-                       force=True)
+    try:
+      self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
+                         force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._operation = _current_operation()
+      self._release_waiting_threads()
+      raise self._save_error(step, e) from None
+    self._in_flight, self._operation = step, _current_operation()
+    self.check()
+
+  def check(self) -> None:
+    """Raises CheckpointSaveError if the save in flight has failed; never blocks.
+
+    Cheap (no device work): call it every step so that a failed background save
+    stops the run within one step.
+    """
+    if self._in_flight is not None and not self._manager.is_saving_in_progress():
+      self.wait()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in flight; raises CheckpointSaveError if it failed."""
+    step, self._in_flight = self._in_flight, None
+    if step is None:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._release_waiting_threads()
+      raise self._save_error(step, e) from None
+    if jax.process_index() == 0 and step not in rundir.checkpoint_steps(
+        self.directory):
+      # Orbax logs some commit failures and carries on without the step folder.
+      raise self._save_error(step, None)
+
+  def wait_after_error(self) -> None:
+    """Lets the save in flight finish when the run stops for another error.
+
+    Keeps the newest checkpoint (often the one being written when a later step
+    failed); a failure of that save is logged, not raised, so that the error that
+    stopped the run is the one reported.
+    """
+    try:
+      self.wait()
+    except CheckpointSaveError as e:
+      logging.error("%s", e)
+
+  def newest_step(self) -> Optional[int]:
+    """The newest complete checkpoint on disk (None when there is none)."""
+    return rundir.newest_step(self.directory)
+
+  def _release_waiting_threads(self) -> None:
+    """Unblocks Orbax threads that wait for a signal the failed save never sends.
+
+    Without this, a save that failed to create its folder leaves non-daemon
+    threads waiting for Orbax's coordination timeout (5 minutes) at exit.
+    """
+    if self._operation is not None:
+      future.set_signals(list(synchronization.HandlerAwaitableSignal),
+                         operation_id=self._operation)
+
+  def _save_error(self, step: int, error: Optional[BaseException]) -> CheckpointSaveError:
+    newest = self.newest_step()
+    kept = (f"the newest intact checkpoint is step {newest} "
+            f"({os.path.join(self.directory, str(newest))}); rerun the same command "
+            "to resume from it" if newest is not None else
+            "no checkpoint was saved before it")
+    cause = _cause(error) if error is not None else "the step folder was not written"
+    return CheckpointSaveError(
+        f"Saving checkpoint {step} to {self.directory} failed: {cause}. The run "
+        f"stopped; {kept}. {_fix(error, self.directory)}")
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -109,6 +229,49 @@ class CheckpointManager:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract_state, shardings)
     return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def _current_operation() -> str:
+  return synchronization.OperationIdGenerator.get_current_operation_id()
+
+
+def _errors(error: BaseException):
+  """`error` and the errors it was raised from or while handling."""
+  seen = []
+  while error is not None and error not in seen:
+    seen.append(error)
+    error = error.__cause__ or error.__context__
+  return seen
+
+
+def _errno(error: Optional[BaseException]) -> Optional[int]:
+  for e in _errors(error) if error is not None else []:
+    if isinstance(e, OSError) and e.errno:
+      return e.errno
+    if "No space left on device" in str(e):  # TensorStore's errors carry no errno.
+      return errno.ENOSPC
+  return None
+
+
+def _cause(error: BaseException) -> str:
+  """One short line: the OS error when there is one, else the error's first line."""
+  code = _errno(error)
+  if code is not None:
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+  lines = str(error).strip().splitlines() or [type(error).__name__]
+  first = lines[0]
+  return f"{type(error).__name__}: {first[:300]}"
+
+
+def _fix(error: Optional[BaseException], directory: str) -> str:
+  code = _errno(error)
+  if code in (errno.ENOSPC, errno.EDQUOT):
+    return (f"Free space on the disk of {directory} (or lower config.checkpoint.keep), "
+            "or train into a --workdir on a larger disk.")
+  if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+    return (f"Make {directory} writable for this user, or train into another "
+            "--workdir.")
+  return "The full Orbax traceback is in the log file (train.log of the workdir)."
 
 
 def load_state(path: str, step: Optional[int] = None) -> dict[str, Any]:
