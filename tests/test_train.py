@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import tensorflow_datasets as tfds
 
 from vit_edge import checkpointing
 from vit_edge import input_pipeline
+from vit_edge import rundir
 from vit_edge import train
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -180,6 +182,7 @@ def test_batch_size_not_divisible_by_devices(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  """NaN at step 3 while step 2's checkpoint is still being written (async)."""
   real_iterator = input_pipeline.create_train_iterator
 
   def poisoned(*args, **kwargs):
@@ -189,9 +192,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
       yield batch
 
   monkeypatch.setattr(input_pipeline, "create_train_iterator", poisoned)
-  with pytest.raises(FloatingPointError, match="step 4"):
-    train.train_and_evaluate(_config(), str(tmp_path))
-  assert os.listdir(tmp_path / "checkpoints") == ["2"]
+  config = _config(**{"checkpoint.every_steps": 1, "checkpoint.async_save": True})
+  with pytest.raises(FloatingPointError) as raised:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(raised.value)
+  assert "the training loss was nan at step 3" in message, message
+  assert re.search(r"the last finite loss was [0-9.]+ at step 2", message), message
+  assert "the newest checkpoint is step 2" in message, message
+  # Clipping is on and the dtype float32 in this config: no advice to turn them on.
+  assert "lower the learning rate" in message
+  assert "grad_clip_norm" not in message and "float32" not in message
+  assert rundir.checkpoint_steps(str(tmp_path)) == [1, 2]
+  restored = checkpointing.load_state(str(tmp_path))
+  assert int(restored["step"]) == 2 and np.all(np.isfinite(_flat(restored["params"])))
 
 
 def _free_port():

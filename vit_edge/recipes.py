@@ -97,7 +97,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict({"num_devices": -1, "fsdp": 1})
   c.log_every_steps = 50
-  c.eval_every_steps = 200
+  c.eval_every_steps = -1  # <= 0: 6 evaluations per run (train.eval_every_steps).
   c.checkpoint = ml_collections.ConfigDict(
       {"every_steps": 200, "keep": 3, "keep_best": True, "async_save": True})
   c.init_from = ""

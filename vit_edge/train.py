@@ -18,9 +18,12 @@ Example::
 """
 
 import functools
+import io
 import math
+import os
+import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, TextIO
 
 from absl import logging
 from clu import metric_writers
@@ -304,18 +307,166 @@ class Trainer:
                            self.run_changes)
 
 
-def _check_finite(metrics: dict[str, float], step: int, workdir: str) -> None:
-  if not np.isfinite(metrics["loss"]):
-    raise FloatingPointError(
-        f"The training loss became {metrics['loss']} at step {step}. The run stopped "
-        f"without saving this state; the last good checkpoint in {workdir}/checkpoints "
-        "is kept. Lower config.optim.lr, enable config.optim.grad_clip_norm or use "
-        "config.dtype='float32'.")
+# Evaluations per run when config.eval_every_steps <= 0: enough points for a curve.
+DEFAULT_EVALS_PER_RUN = 6
+# Seconds between progress lines: a live line on a terminal; plain lines (log
+# files, notebooks) less often.
+_PROGRESS_SECS_LIVE = 1.0
+_PROGRESS_SECS_PLAIN = 30.0
+
+
+def eval_every_steps(config: ml_collections.ConfigDict, num_train_steps: int) -> int:
+  """config.eval_every_steps, or DEFAULT_EVALS_PER_RUN evenly spaced when <= 0.
+
+  Example: ``eval_every_steps(config, 176) == 30`` when the config leaves it at -1.
+  """
+  if config.eval_every_steps > 0:
+    return config.eval_every_steps
+  return max(1, math.ceil(num_train_steps / DEFAULT_EVALS_PER_RUN))
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  return (f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours
+          else f"{rest // 60}:{rest % 60:02d}")
+
+
+class Progress:
+  """A progress line on stderr: step, loss, images/s and ETA.
+
+  On a terminal one live line is redrawn (carriage return) every second;
+  otherwise (a log file, a notebook run by nbclient) a plain line is printed
+  every 30 s and at each log step. The rate leaves out the first step of a start (compilation).
+
+  Example::
+
+      progress = Progress(total_steps=176, start_step=0, batch_size=64)
+      progress.update(step=10, loss=1.93)
+      progress.close()
+  """
+
+  def __init__(self, total_steps: int, start_step: int, batch_size: int,
+               stream: Optional[TextIO] = None):
+    self.stream = stream or sys.stderr
+    self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+    self.interval = _PROGRESS_SECS_LIVE if self.live else _PROGRESS_SECS_PLAIN
+    self.total_steps, self.batch_size = total_steps, batch_size
+    self._timed_from: Optional[tuple[int, float]] = None
+    self._last_print = time.monotonic()
+    self._width = 0
+
+  def update(self, step: int, loss: Optional[float], force: bool = False) -> None:
+    """Prints when the interval has passed (or `force`); cheap otherwise."""
+    now = time.monotonic()
+    if self._timed_from is None:
+      self._timed_from = (step, now)
+    if not force and now - self._last_print < self.interval:
+      return
+    self._last_print = now
+    line = self.line(step, loss, now)
+    if self.live:
+      self.stream.write("\r" + line.ljust(self._width))
+      self._width = len(line)
+    else:
+      self.stream.write(line + "\n")
+    self.stream.flush()
+
+  def line(self, step: int, loss: Optional[float], now: float) -> str:
+    parts = [f"step {step}/{self.total_steps}"]
+    if loss is not None:
+      parts.append(f"loss {loss:.4f}")
+    first_step, first_time = self._timed_from or (step, now)
+    if step > first_step and now > first_time:
+      steps_per_sec = (step - first_step) / (now - first_time)
+      parts.append(f"{steps_per_sec * self.batch_size:.1f} img/s")
+      parts.append(f"ETA {_duration((self.total_steps - step) / steps_per_sec)}")
+    return "train: " + ", ".join(parts)
+
+  def close(self) -> None:
+    if self.live and self._width:
+      self.stream.write("\n")
+      self.stream.flush()
+
+
+class NonFiniteWatch:
+  """Finds the first step whose loss or gradient norm is not finite.
+
+  Each step's loss and gradient norm are read one step late (``push``), when the
+  device has finished that step while it runs the next one: exact to the step,
+  without stalling the pipeline. ``check_now`` reads the pending step at once;
+  the loop calls it before anything is logged, evaluated or saved, so a
+  non-finite state is never saved.
+  """
+
+  def __init__(self):
+    self._pending: Optional[tuple[int, Any]] = None
+    self.last_finite: Optional[tuple[int, float]] = None  # (step, loss)
+    self.bad: Optional[tuple[int, float, float]] = None  # (step, loss, grad norm)
+
+  def push(self, step: int, metrics: Any) -> bool:
+    """Checks the previous step, then holds this one. True if a step was bad."""
+    bad = self.check_now()
+    self._pending = (step, metrics)
+    return bad
+
+  def check_now(self) -> bool:
+    if self._pending is None or self.bad is not None:
+      return self.bad is not None
+    step, metrics = self._pending
+    self._pending = None
+    loss, grad_norm = (float(t) / float(c) for t, c in jax.device_get(
+        ((metrics.loss.total, metrics.loss.count),
+         (metrics.grad_norm.total, metrics.grad_norm.count))))
+    if np.isfinite(loss) and np.isfinite(grad_norm):
+      self.last_finite = (step, loss)
+      return False
+    self.bad = (step, loss, grad_norm)
+    return True
+
+  @property
+  def last_loss(self) -> Optional[float]:
+    return self.last_finite[1] if self.last_finite else None
+
+
+def nonfinite_message(watch: NonFiniteWatch, config: ml_collections.ConfigDict,
+                      newest_checkpoint: Optional[int], checkpoint_dir: str) -> str:
+  """The one-line report of a non-finite loss or gradient, with advice that fits."""
+  step, loss, grad_norm = watch.bad
+  what = (f"the training loss was {loss} at step {step} (gradient norm {grad_norm})"
+          if not np.isfinite(loss) else
+          f"the gradient norm was {grad_norm} at step {step} (loss {loss:.4g})")
+  if watch.last_finite:
+    last_step, last_loss = watch.last_finite
+    history = f"the last finite loss was {last_loss:.4g} at step {last_step}"
+  else:
+    history = "it was the first step of this start"
+  if newest_checkpoint is None:
+    kept = "no checkpoint had been saved yet"
+  else:
+    kept = (f"the newest checkpoint is step {newest_checkpoint} "
+            f"({os.path.join(checkpoint_dir, str(newest_checkpoint))}), "
+            "from which a rerun with the changes below resumes")
+  lr = config.optim.lr
+  advice = [f"lower the learning rate (e.g. --config.optim.lr={lr / 4:g}, now {lr:g})"]
+  if not config.optim.grad_clip_norm or config.optim.grad_clip_norm <= 0:
+    advice.append("clip gradients (--config.optim.grad_clip_norm=1.0; it is off)")
+  if config.dtype == "bfloat16":
+    advice.append("compute in float32 (--config.dtype=float32)")
+  return (f"Training stopped: {what}; {history}. No non-finite state was saved; "
+          f"{kept}. To fix: " + "; ".join(advice) + ".")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains and evaluates; resumes from workdir/checkpoints. Returns the final metrics."""
+  """Trains and evaluates; resumes from workdir/checkpoints. Returns the final metrics.
+
+  Failures stop the run with one error, after the checkpoint being written has
+  finished, so every complete checkpoint stays: CheckpointSaveError (a save
+  failed or the directory is not writable; checked before training),
+  FloatingPointError (a non-finite loss or gradient, named by its step).
+  """
   trainer = Trainer(config, workdir)
+  trainer.checkpoints.check_writable()
   trainer.write_run_files()
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
@@ -327,47 +478,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("Training %s for %d steps (start %d), %s devices, mesh %s.",
                config.model, trainer.num_train_steps, start_step, jax.device_count(),
                dict(trainer.mesh.shape))
+  progress = Progress(trainer.num_train_steps, start_step, config.batch_size,
+                      stream=sys.stderr if jax.process_index() == 0 else io.StringIO())
+  try:
+    with jax.set_mesh(trainer.mesh):
+      step, eval_results = _train_loop(trainer, state, start_step, writer, progress)
+  except BaseException:
+    # Let the save in flight finish: it is often the newest good checkpoint.
+    trainer.checkpoints.wait_after_error()
+    raise
+  finally:
+    progress.close()
+  trainer.checkpoints.wait()
+  writer.flush()
+  final = dict(eval_results, step=step)
+  logging.info("Finished at step %d: %s", step, final)
+  return final
 
+
+def _train_loop(trainer: Trainer, state: State, start_step: int,
+                writer: metric_writers.MetricWriter,
+                progress: Progress) -> tuple[int, dict[str, float]]:
+  """Steps from `start_step` to the end; returns (last step, last eval results)."""
+  config = trainer.config
   train_iter: Iterator[dict[str, np.ndarray]] = input_pipeline.create_train_iterator(
       config, mean=trainer.model_info.mean, std=trainer.model_info.std,
       local_batch_size=trainer.local_batch, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
   report = periodic_actions.ReportProgress(
       num_train_steps=trainer.num_train_steps, writer=writer)
+  eval_every = eval_every_steps(config, trainer.num_train_steps)
+  watch = NonFiniteWatch()
   train_metrics, last_log = None, (start_step, time.time())
   eval_results: dict[str, float] = {}
   step = start_step
-  with jax.set_mesh(trainer.mesh):
-    for step in range(start_step + 1, trainer.num_train_steps + 1):
-      batch = sharding.make_global_batch(next(train_iter), trainer.mesh)
-      state, m = trainer.train_step(state, batch)
-      train_metrics = m if train_metrics is None else train_metrics.merge(m)
-      report(step)
-      is_last = step == trainer.num_train_steps
-      log_now = step % config.log_every_steps == 0 or is_last
-      eval_now = step % config.eval_every_steps == 0 or is_last
-      save_now = step % config.checkpoint.every_steps == 0 or is_last
-      if log_now or save_now:
-        scalars = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
-        _check_finite({"loss": scalars["train/loss"]}, step, workdir)
-        now = time.time()
-        scalars["train/images_per_sec"] = (
-            (step - last_log[0]) * config.batch_size / max(now - last_log[1], 1e-9))
-        writer.write_scalars(step, scalars)
-        train_metrics, last_log = None, (step, now)
-      if eval_now:
-        eval_results = trainer.evaluate(state)
-        writer.write_scalars(step, eval_results)
-        logging.info("step %d: %s", step, eval_results)
-      if save_now:
-        trainer.checkpoints.save(step, state, eval_results if eval_now else None)
-    if start_step >= trainer.num_train_steps:  # Already finished: just report.
+  for step in range(start_step + 1, trainer.num_train_steps + 1):
+    batch = sharding.make_global_batch(next(train_iter), trainer.mesh)
+    state, m = trainer.train_step(state, batch)
+    train_metrics = m if train_metrics is None else train_metrics.merge(m)
+    if watch.push(step, m):
+      _stop_on_nonfinite(trainer, watch)
+    trainer.checkpoints.check()  # A failed background save stops the run here.
+    report(step)
+    is_last = step == trainer.num_train_steps
+    log_now = step % config.log_every_steps == 0 or is_last
+    eval_now = step % eval_every == 0 or is_last
+    save_now = step % config.checkpoint.every_steps == 0 or is_last
+    if (log_now or eval_now or save_now) and watch.check_now():
+      _stop_on_nonfinite(trainer, watch)
+    progress.update(step, watch.last_loss, force=log_now and not progress.live)
+    if log_now or save_now:
+      scalars = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
+      now = time.time()
+      scalars["train/images_per_sec"] = (
+          (step - last_log[0]) * config.batch_size / max(now - last_log[1], 1e-9))
+      writer.write_scalars(step, scalars)
+      train_metrics, last_log = None, (step, now)
+    if eval_now:
       eval_results = trainer.evaluate(state)
-  trainer.checkpoints.wait()
-  writer.flush()
-  final = dict(eval_results, step=step)
-  logging.info("Finished at step %d: %s", step, final)
-  return final
+      writer.write_scalars(step, eval_results)
+      logging.info("step %d: %s", step, eval_results)
+    if save_now:
+      trainer.checkpoints.save(step, state, eval_results if eval_now else None)
+  if start_step >= trainer.num_train_steps:  # Already finished: just report.
+    eval_results = trainer.evaluate(state)
+  return step, eval_results
+
+
+def _stop_on_nonfinite(trainer: Trainer, watch: NonFiniteWatch) -> None:
+  # The message names the newest checkpoint: let the one being written finish.
+  trainer.checkpoints.wait_after_error()
+  raise FloatingPointError(nonfinite_message(
+      watch, trainer.config, trainer.checkpoints.newest_step(),
+      trainer.checkpoints.directory))
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
