@@ -183,3 +183,15 @@ def test_strip_wrappers():
   # A prefix that only some keys share is part of the names.
   assert sorted(import_torch.strip_wrappers(
       {"model.a": weight, "b": weight})) == ["b", "model.a"]
+
+
+def test_vit_position_embeddings_follow_the_image_size(tmp_path):
+  _, variables = _random_variables("deit_tiny_patch16", 32, **TINY["deit_tiny_patch16"])
+  checkpoint = tmp_path / "deit.npz"
+  np.savez(checkpoint, **_to_torch(variables, "deit"))
+  import_torch.import_checkpoint("deit_tiny_patch16", str(checkpoint),
+                                 str(tmp_path / "run"), image_size=64,
+                                 model_overrides=TINY["deit_tiny_patch16"])
+  pos_embed = checkpointing.load_state(str(tmp_path / "run"))["params"]["pos_embed"]
+  assert pos_embed.shape == (1, 1 + 4 * 4, 32)  # 2x2 patches at 32 -> 4x4 at 64.
+  np.testing.assert_array_equal(pos_embed[:, 0], variables["params"]["pos_embed"][:, 0])
