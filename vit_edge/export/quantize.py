@@ -62,6 +62,11 @@ class Int8Policy:
       float and leaves the rest (typically below 2) int8.
     num_debug_samples: calibration samples the debugger runs for rule 4.
     max_rounds: check-and-requantise rounds at most (rule 4 runs in the second).
+
+  Example::
+
+      export_from_registry("tformer_s", "t.tflite", quantize="int8",
+                           int8_policy=Int8Policy(max_error_steps=3.0))
   """
 
   float_op_types: tuple[str, ...] = INT8_FLOAT_OPS

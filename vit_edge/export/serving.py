@@ -23,7 +23,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -36,7 +36,12 @@ DTYPES = ("float32", "int32")
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-  """One input of the exported signature (static shape, batch 1 first)."""
+  """One input of the exported signature (static shape, batch 1 first).
+
+  Example::
+
+      TensorSpec("mask", (1, 16))  # float32 [1, 16]
+  """
 
   name: str
   shape: tuple[int, ...]
@@ -53,7 +58,12 @@ class TensorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class OutputSpec:
-  """One output of the exported signature and what it means (:data:`OUTPUT_KINDS`)."""
+  """One output of the exported signature and what it means (:data:`OUTPUT_KINDS`).
+
+  Example::
+
+      OutputSpec("pre_logits", "features")
+  """
 
   name: str
   kind: str
@@ -74,6 +84,14 @@ class ServingSpec:
     fn: the served computation, traced with the export rewrites; it must work for
       any leading batch size (the parity guard runs it on batches).
     signature: the TFLite signature key.
+
+  Example::
+
+      spec = ServingSpec(
+          inputs=[TensorSpec("tokens", (1, 16, 64)), TensorSpec("mask", (1, 16))],
+          outputs=[OutputSpec("logits", "logits")],
+          fn=lambda model, variables, tokens, mask: {
+              "logits": model.apply(variables, tokens, mask)[0]})
   """
 
   inputs: tuple[TensorSpec, ...]
@@ -172,6 +190,10 @@ def upsample_bilinear(x, size: int):
 
   Matrix products convert to FULLY_CONNECTED/BATCH_MATMUL ops that XNNPACK runs,
   unlike the gather-based resize ops.
+
+  Example::
+
+      upsample_bilinear(jnp.ones((1, 4, 4, 2)), 16).shape  # (1, 16, 16, 2)
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   rows = jnp.asarray(_bilinear_matrix(size, x.shape[1]))
@@ -214,7 +236,3 @@ def is_classification(spec: ServingSpec) -> bool:
   """Whether `spec` serves today's image -> logits/probs signature."""
   return ([t.name for t in spec.inputs] == ["image"]
           and spec.output_names == ["logits", "probs"])
-
-
-def input_shapes(spec: ServingSpec) -> Sequence[tuple[int, ...]]:
-  return [t.shape for t in spec.inputs]

@@ -14,7 +14,7 @@ nothing. Class maps are compared by agreement, quantised exports only report.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 
@@ -82,6 +82,11 @@ class ExportReport:
     seconds: wall time of the export.
     outputs: per declared output: max_abs_diff, max_abs, tolerance (float
       kinds) or agreement (class maps).
+
+  Example::
+
+      report = export_from_registry("edgevit_xxs", "m.tflite", image_size=224)
+      print(report.summary())
   """
 
   path: str
@@ -197,11 +202,6 @@ def check_parity(tflite_model: bytes,
   return {"max_abs_logit_diff": stats["max_abs_diff"],
           "max_abs_logit": stats["max_abs"], "tolerance": stats["tolerance"],
           "top1_agreement": agreement, "outputs": outputs}
-
-
-def batches(values: np.ndarray, size: int) -> Iterator[np.ndarray]:
-  for i in range(0, len(values), size):
-    yield values[i:i + size]
 
 
 def evaluate(tflite_model: bytes, jax_logits_fn, eval_batches: Iterable[dict],

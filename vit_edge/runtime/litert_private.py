@@ -40,6 +40,7 @@ def check_version(package: str, installed: str, supported_prefix: str) -> None:
 
 
 def litert_version() -> str:
+  """The installed ai-edge-litert version ("not-installed" without it)."""
   try:
     return importlib.metadata.version("ai-edge-litert")
   except importlib.metadata.PackageNotFoundError:

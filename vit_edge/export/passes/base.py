@@ -101,6 +101,7 @@ def bind(eqn, *invals):
 
 
 def is_literal(atom) -> bool:
+  """Whether a jaxpr atom is a literal (an inline constant), not a variable."""
   from jax.extend import core as jex_core  # pylint: disable=g-import-not-at-top
   return isinstance(atom, jex_core.Literal)
 
@@ -113,6 +114,7 @@ def literal_scalar(atom) -> Optional[float]:
 
 
 def is_traced(x) -> bool:
+  """Whether `x` is a tracer (data-dependent), not a concrete constant."""
   import jax  # pylint: disable=g-import-not-at-top
   return isinstance(x, jax.core.Tracer)
 
