@@ -205,9 +205,11 @@ _STUDENT = {"model_overrides.embed_dim": 16, "model_overrides.depth": 2,
 
 
 def test_teacher_is_frozen_and_not_checkpointed(tmp_path, teacher_dir):
+  # Mixup and cutmix on: the teacher sees the same mixed images, CE the mixed targets.
   config = _config("model=deit_tiny_distilled_patch16", **_STUDENT,
                    **{"objective.name": "hard_token+feature",
-                      "teacher.workdir": teacher_dir})
+                      "teacher.workdir": teacher_dir, "aug.mixup_alpha": 0.8,
+                      "aug.cutmix_alpha": 1.0})
   trainer = train.Trainer(config, str(tmp_path))
   assert trainer.objective.teacher.image_size == 64  # Its own view of the batch.
   teacher_before = jax.tree_util.tree_map(np.asarray, trainer.teacher_variables)
