@@ -65,19 +65,17 @@ def _to_torch(variables, family):
   return state
 
 
-def _same_logits(model, variables, loaded_model, loaded, size):
-  """The run dir's model (rebuilt from config.json) computes the original logits."""
+def _same_logits(variables, loaded_model, loaded, size):
+  """The run dir's model (rebuilt from config.json) with its weights computes what
+  the original weights compute (one compile: same module, variables as argument)."""
   x = jax.random.uniform(jax.random.key(2), (2, size, size, 3))
-
-  def logits(module, v):
-    return np.asarray(jax.jit(lambda v: module.apply(v, x, train=False)[0])(v))
-
-  np.testing.assert_array_equal(logits(loaded_model, loaded), logits(model, variables))
+  logits = jax.jit(lambda v: loaded_model.apply(v, x, train=False)[0])
+  np.testing.assert_array_equal(np.asarray(logits(loaded)), np.asarray(logits(variables)))
 
 
 def test_timm_deit_tiny_safetensors_becomes_a_run_with_the_same_logits(tmp_path):
   # The issue's done-when: a timm-format deit_tiny_patch16_224 state dict.
-  model, variables = _random_variables("deit_tiny_patch16", 224, num_classes=1000)
+  _, variables = _random_variables("deit_tiny_patch16", 224, num_classes=1000)
   state_dict = _to_torch(variables, "deit")
   assert state_dict["blocks.0.attn.qkv.weight"].shape == (576, 192)  # timm's layout.
   checkpoint = tmp_path / "deit_tiny_patch16_224.safetensors"
@@ -87,14 +85,14 @@ def test_timm_deit_tiny_safetensors_becomes_a_run_with_the_same_logits(tmp_path)
 
   loaded_model, loaded, config, info = train.load_trained_model(str(workdir))
   assert (config.image_size, info["num_classes"]) == (224, 1000)
-  _same_logits(model, variables, loaded_model, loaded, 224)
+  _same_logits(variables, loaded_model, loaded, 224)
   state = checkpointing.load_state(str(workdir))
   assert int(state["step"]) == 0 and "opt_state" in state
   assert sorted(os.listdir(workdir / "checkpoints")) == ["0"]
 
 
 def test_npz_with_prefixes_keeps_batchnorm_statistics(tmp_path):
-  model, variables = _random_variables("edgevit_xxs", 32, **TINY["edgevit_xxs"])
+  _, variables = _random_variables("edgevit_xxs", 32, **TINY["edgevit_xxs"])
   state_dict = {f"module.{k}": v for k, v in _to_torch(variables, "edgevit").items()}
   state_dict["module.norm.num_batches_tracked"] = np.array(7)
   checkpoint = tmp_path / "edgevit.npz"
@@ -106,7 +104,7 @@ def test_npz_with_prefixes_keeps_batchnorm_statistics(tmp_path):
   assert info["num_classes"] == 10
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["batch_stats"],
                          variables["batch_stats"])
-  _same_logits(model, variables, loaded_model, loaded, 32)
+  _same_logits(variables, loaded_model, loaded, 32)
 
 
 def test_new_head_and_class_names_for_fine_tuning(tmp_path):
