@@ -260,3 +260,33 @@ def test_python_dash_m_entry_point_reports_errors_in_one_line():
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith(
       "error: image_size=50 is not a positive multiple")
+
+
+def test_int8_file_size_does_not_depend_on_the_input_size(tmp_path):
+  # A tformer_s stage with real widths: at 32 px its last stage sees 1x1 maps,
+  # which a tensor-size rule kept float (18 MB at 32 px vs 9 MB at 224 px).
+  overrides = {"depths": (1, 1, 1, 1), "widths": (8, 16, 24, 128)}
+  sizes = {}
+  for size in (32, 64):
+    report = export.export_from_registry(
+        "tformer_s", str(tmp_path / f"{size}.tflite"), image_size=size,
+        num_classes=10, quantize="int8", num_calibration_samples=8,
+        num_parity_samples=2, max_eval_examples=0, overrides=overrides)
+    sizes[size] = report.size_bytes
+    assert not _float_weights(open(tmp_path / f"{size}.tflite", "rb").read(),
+                              export.Int8Policy().max_statistics_weight)
+  assert abs(sizes[32] - sizes[64]) <= 0.1 * sizes[64], sizes
+
+
+def _float_weights(tflite_model, larger_than):
+  """(op, shape) of the convs / fully connected ops with big float weights."""
+  from ai_edge_litert.tools import flatbuffer_utils  # pylint: disable=g-import-not-at-top
+  m = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite_model))
+  graph, found = m.subgraphs[0], []
+  for op in graph.operators:
+    name = flatbuffer_utils.opcode_to_name(m, op.opcodeIndex)
+    if name in ("CONV_2D", "FULLY_CONNECTED") and len(op.inputs) > 1:
+      weight = graph.tensors[op.inputs[1]]
+      if weight.type == 0 and np.prod(weight.shape) > larger_than:  # 0: FLOAT32
+        found.append((name, list(weight.shape)))
+  return found

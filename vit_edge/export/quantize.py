@@ -14,11 +14,13 @@ float, in this order:
    per-token means and variances, score channels) or no spatial/token extent
    (every axis but the channels is 1: norm statistics, pooled features,
    logits). They cost nothing in float, while one int8 scale per such tensor
-   loses them (MobileViTv2's top-1 agreement with JAX fell to 29%). Ops with
-   weights (:attr:`Int8Policy.weight_op_types`) are never kept float for their
-   shape, so the weights are int8 and the file size does not depend on the
-   input size (before, a tensor-size threshold kept tformer_s's stage-4 convs
-   float at 32 px: 18 MB there, 9 MB at 224 px);
+   loses them (MobileViTv2's top-1 agreement with JAX fell to 29%). An op with
+   weights (:attr:`Int8Policy.weight_op_types`) counts only if its weight is
+   tiny too (at most :attr:`Int8Policy.max_statistics_weight` elements: the
+   ones-matrix products that broadcast norm statistics), so real layers are
+   int8 and the file size does not depend on the input size (before, a
+   tensor-size threshold kept tformer_s's stage-4 convs, on 1x1 maps at 32 px,
+   float: 18 MB there, 9 MB at 224 px);
 4. every remaining int8 op whose output, on a few calibration samples, is off
    by more than :attr:`Int8Policy.max_error_steps` quantisation steps (RMS),
    measured by TensorFlow's QuantizationDebugger (e.g. the fused query/key/value
@@ -55,7 +57,14 @@ class Int8Policy:
 
   Attributes:
     float_op_types: op types always kept float (rule 1).
-    weight_op_types: op types with weights, never kept float by rule 3.
+    weight_op_types: op types with weights; rule 3 keeps them float only when
+      their weight has at most `max_statistics_weight` elements.
+    max_statistics_weight: the largest weight (elements) of an op that rule 3
+      may keep float. A statistics broadcast has one weight per channel (a few
+      hundred); a layer on full-size maps is int8 through its activations
+      anyway, and one on pooled features (a classifier head, channels x
+      num_classes) stays float only when it is this small. Fixed, not relative
+      to the input.
     keep_statistics_float: apply rule 3.
     max_error_steps: rule 4's threshold, in quantisation steps (RMS of the int8
       output's error over its scale); 5 keeps the few broken ops (tens of steps)
@@ -71,6 +80,7 @@ class Int8Policy:
 
   float_op_types: tuple[str, ...] = INT8_FLOAT_OPS
   weight_op_types: tuple[str, ...] = WEIGHT_OPS
+  max_statistics_weight: int = 4096
   keep_statistics_float: bool = True
   max_error_steps: float = 5.0
   num_debug_samples: int = 8
@@ -161,9 +171,16 @@ def nodes_to_keep_float(tflite_model: bytes, policy: Int8Policy = DEFAULT_POLICY
            for op in latency.undelegated_nodes(interpreter) if quantized(op)]
   if policy.keep_statistics_float:
     for op in litert_private.ops_details(interpreter):
-      if op["op_name"] in _BOOKKEEPING_OPS or op["op_name"] in policy.weight_op_types:
+      if op["op_name"] in _BOOKKEEPING_OPS:
         continue
-      int8_tensors = quantized(op)
-      if int8_tensors and all(is_statistics_shaped(t["shape"]) for t in int8_tensors):
+      activations = quantized(op)
+      if op["op_name"] in policy.weight_op_types:
+        weight = tensors.get(op["inputs"][1]) if len(op["inputs"]) > 1 else None
+        if weight is None or np.prod(weight["shape"]) > policy.max_statistics_weight:
+          continue
+        # Judge the op by its input and output maps, not its weight and bias.
+        activations = [t for t in activations
+                       if t["index"] in (op["inputs"][0], *op["outputs"])]
+      if activations and all(is_statistics_shaped(t["shape"]) for t in activations):
         names.append(tensors[op["outputs"][0]]["name"])
   return list(dict.fromkeys(names))
