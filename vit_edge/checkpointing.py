@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging as std_logging
 import os
+import sys
 from typing import Any, Optional
 
 from absl import logging
@@ -68,8 +69,38 @@ class _OrbaxTracebackFilter(std_logging.Filter):
   """
 
   def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno < std_logging.ERROR:
+      return True
     from_orbax = "/orbax/" in record.pathname
-    return not (from_orbax and record.levelno >= std_logging.ERROR)
+    # asyncio reports each failed Orbax write task again when it is collected.
+    orbax_task = record.name == "asyncio" and "/orbax/" in record.getMessage()
+    return not (from_orbax or orbax_task)
+
+
+def _is_closed_loop_error(error: BaseException) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _quiet_closed_event_loop_errors() -> None:
+  """Drops the 'Event loop is closed' reports of a failed save's writes.
+
+  Orbax closes a failed save's event loop while TensorStore still finishes its
+  other writes; each one's callback then fails and TensorStore prints the error
+  through sys.excepthook (dozens of identical tracebacks; the failure itself is
+  reported as a CheckpointSaveError). Other errors pass.
+  """
+  previous = sys.excepthook
+  if getattr(previous, "quiets_closed_loop", False):
+    return
+
+  def hook(error_type, error, traceback):
+    if _is_closed_loop_error(error):
+      logging.debug("After a failed save: %s", error)
+      return
+    previous(error_type, error, traceback)
+
+  hook.quiets_closed_loop = True
+  sys.excepthook = hook
 
 
 def _install_filter(target: Any, filter_class: type[std_logging.Filter]) -> None:
@@ -105,6 +136,7 @@ class CheckpointManager:
     self._operation: Optional[str] = None  # Its Orbax operation id.
     _install_filter(std_logging.getLogger("absl"), _NoMetricsWarningFilter)
     _install_filter(logging.get_absl_handler(), _OrbaxTracebackFilter)
+    _quiet_closed_event_loop_errors()
 
   def check_writable(self) -> None:
     """Fails before training when the checkpoint directory cannot be written.
