@@ -129,17 +129,18 @@ class _Terminal(io.StringIO):
 def test_progress_is_a_live_line_on_a_terminal_and_plain_lines_elsewhere():
   terminal = _Terminal()
   live = train.Progress(total_steps=100, start_step=0, batch_size=64, stream=terminal)
+  live.interval = 0.0  # Every update is due (the default is a second).
   for step in range(1, 4):
-    live.update(step, 2.0, force=True)
+    live.update(step, 2.0)
   live.close()
   text = terminal.getvalue()
-  assert text.count("\r") == 3 and text.endswith("\n")
+  assert text.count("\r") == 3 and text.count("\n") == 1 and text.endswith("\n")
   assert "train: step 3/100, loss 2.0000" in text and "img/s, ETA " in text
 
   log = io.StringIO()
   plain = train.Progress(total_steps=100, start_step=0, batch_size=64, stream=log)
-  plain.update(1, 2.0)  # Not due yet: plain lines come every 30 s or when forced.
-  plain.update(2, 1.5, force=True)
+  plain.update(1, 2.0)  # Not due yet: plain lines come every 30 s or at log steps.
+  plain.update(2, 1.5, commit=True)
   plain.close()
   assert "\r" not in log.getvalue()
   assert log.getvalue().splitlines() == [log.getvalue().strip()]

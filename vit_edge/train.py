@@ -337,12 +337,13 @@ class Progress:
 
   On a terminal one live line is redrawn (carriage return) every second;
   otherwise (a log file, a notebook run by nbclient) a plain line is printed
-  every 30 s and at each log step. The rate leaves out the first step of a start (compilation).
+  every 30 s. Both print a finished line at each log step. The rate leaves out the first step of a start (compilation).
 
   Example::
 
       progress = Progress(total_steps=176, start_step=0, batch_size=64)
-      progress.update(step=10, loss=1.93)
+      progress.update(step=10, loss=1.93)  # Printed when due.
+      progress.update(step=50, loss=1.20, commit=True)  # A log step: printed.
       progress.close()
   """
 
@@ -356,18 +357,22 @@ class Progress:
     self._last_print = time.monotonic()
     self._width = 0
 
-  def update(self, step: int, loss: Optional[float], force: bool = False) -> None:
-    """Prints when the interval has passed (or `force`); cheap otherwise."""
+  def update(self, step: int, loss: Optional[float], commit: bool = False) -> None:
+    """Prints when the interval has passed; cheap otherwise.
+
+    `commit` (log steps) prints a finished line at once, also on a terminal, so
+    that the log lines that follow (eval results) do not overwrite it.
+    """
     now = time.monotonic()
     if self._timed_from is None:
       self._timed_from = (step, now)
-    if not force and now - self._last_print < self.interval:
+    if not commit and now - self._last_print < self.interval:
       return
     self._last_print = now
     line = self.line(step, loss, now)
     if self.live:
-      self.stream.write("\r" + line.ljust(self._width))
-      self._width = len(line)
+      self.stream.write("\r" + line.ljust(self._width) + ("\n" if commit else ""))
+      self._width = 0 if commit else len(line)
     else:
       self.stream.write(line + "\n")
     self.stream.flush()
@@ -526,7 +531,7 @@ def _train_loop(trainer: Trainer, state: State, start_step: int,
     save_now = step % config.checkpoint.every_steps == 0 or is_last
     if (log_now or eval_now or save_now) and watch.check_now():
       _stop_on_nonfinite(trainer, watch)
-    progress.update(step, watch.last_loss, force=log_now and not progress.live)
+    progress.update(step, watch.last_loss, commit=log_now)
     if log_now or save_now:
       scalars = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
       now = time.time()
