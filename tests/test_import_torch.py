@@ -100,11 +100,10 @@ def test_npz_with_prefixes_keeps_batchnorm_statistics(tmp_path):
   workdir = tmp_path / "run"
   import_torch.import_checkpoint("edgevit_xxs", str(checkpoint), str(workdir),
                                  image_size=32, model_overrides=TINY["edgevit_xxs"])
-  loaded_model, loaded, _, info = train.load_trained_model(str(workdir))
+  _, loaded, _, info = train.load_trained_model(str(workdir))
   assert info["num_classes"] == 10
-  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["batch_stats"],
-                         variables["batch_stats"])
-  _same_logits(variables, loaded_model, loaded, 32)
+  # Every parameter and BatchNorm statistic as in the source (no compile needed).
+  jax.tree_util.tree_map(np.testing.assert_array_equal, dict(loaded), variables)
 
 
 def test_new_head_and_class_names_for_fine_tuning(tmp_path):
