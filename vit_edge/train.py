@@ -447,15 +447,18 @@ def nonfinite_message(watch: NonFiniteWatch, config: ml_collections.ConfigDict,
   else:
     history = "it was the first step of this start"
   if newest_checkpoint is None:
-    kept = "no checkpoint had been saved yet"
+    kept, resume = "no checkpoint had been saved yet", ""
   else:
     kept = (f"the newest checkpoint is step {newest_checkpoint} "
-            f"({os.path.join(checkpoint_dir, str(newest_checkpoint))}), "
-            "from which a rerun with the changes below resumes")
+            f"({os.path.join(checkpoint_dir, str(newest_checkpoint))})")
+    resume = "; a rerun with it resumes from that checkpoint"
   lr = config.optim.lr
-  advice = [f"lower the learning rate (e.g. --config.optim.lr={lr / 4:g}, now {lr:g})"]
+  advice = [f"lower the learning rate (e.g. --config.optim.lr={lr / 4:g}, now "
+            f"{lr:g}{resume})"]
   if not config.optim.grad_clip_norm or config.optim.grad_clip_norm <= 0:
-    advice.append("clip gradients (--config.optim.grad_clip_norm=1.0; it is off)")
+    # rundir refuses it in the same workdir: the optimizer state changes.
+    advice.append("clip gradients (--config.optim.grad_clip_norm=1.0, now off; in a "
+                  "new --workdir)")
   if config.dtype == "bfloat16":
     advice.append("compute in float32 (--config.dtype=float32)")
   return (f"Training stopped: {what}; {history}. No non-finite state was saved; "
