@@ -54,6 +54,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from vit_edge import rundir
+
 # (M, K, N) of the GEMMs timed for the machine's matmul rate.
 GEMM_SHAPES = ((196, 384, 1536), (512, 512, 512), (1024, 1024, 1024))
 
@@ -147,12 +149,7 @@ def matmul_rate(out_dir: str, runs: int, warmup: int) -> dict[str, Any]:
 
 
 def _run_config(workdir: str) -> dict[str, Any]:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: workdir {workdir!r} is not a "
-                            "training run. Train first (python -m vit_edge.main).")
-  with open(path) as f:
-    return json.load(f)
+  return rundir.load_config_dict(workdir)
 
 
 def _complexity(name: str, image_size: int, workdir: Optional[str],
@@ -163,8 +160,7 @@ def _complexity(name: str, image_size: int, workdir: Optional[str],
     from vit_edge import train  # pylint: disable=g-import-not-at-top
     import ml_collections  # pylint: disable=g-import-not-at-top
     config = ml_collections.ConfigDict(run_config)
-    with open(os.path.join(workdir, "dataset_info.json")) as f:
-      num_classes = json.load(f)["num_classes"]
+    num_classes = rundir.load_dataset_info(workdir)["num_classes"]
     with config.unlocked():
       config.dtype = "float32"
     model = train.build_model(config, num_classes)

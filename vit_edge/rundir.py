@@ -69,6 +69,10 @@ INCOMPATIBLE_FIELDS = {
     "data_dir": "the labels would mean other classes",
     "ema_decay": "turning the EMA on or off changes the saved train state",
     "optim.grad_clip_norm": "turning clipping on or off changes the optimizer state",
+    # The objective's learned parameters (e.g. a feature projection) are saved with
+    # the student and sized by these fields.
+    "objective.name": "another objective has other learned parameters",
+    "objective.feature": "the feature projection is sized by the chosen features",
 }
 # Regularisation rates live in model_overrides but change no parameter shape.
 _COMPATIBLE_BELOW = ("model_overrides.drop_path_rate", "model_overrides.dropout_rate")

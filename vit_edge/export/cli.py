@@ -8,11 +8,11 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional, Sequence
 
+from vit_edge import rundir
 from vit_edge.export import modes
 from vit_edge.export import pipeline
 from vit_edge.export import validate
@@ -59,11 +59,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _default_out(workdir: str, quantize: str) -> str:
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      name = json.load(f).get("model", "model")
+    name = rundir.load_config_dict(workdir).get("model", "model")
   except (OSError, ValueError):
     name = "model"  # export_from_workdir reports the missing run clearly.
-  return os.path.join(workdir, "export", f"{name}_{quantize}.tflite")
+  return os.path.join(rundir.export_dir(workdir), f"{name}_{quantize}.tflite")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> validate.ExportReport:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
+
+from vit_edge import rundir
 
 
 def calibration_config(config, num_samples: int):
@@ -100,12 +101,7 @@ def resized_config(config, image_size: int):
 
 def checkpoint_step(workdir: str, step: Optional[int]) -> Optional[int]:
   """The step that load_trained_model restored (it does not return it)."""
-  if step is not None:
-    return step
-  directory = os.path.join(workdir, "checkpoints")
-  steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(
-      directory) else []
-  return max(steps) if steps else None
+  return step if step is not None else rundir.newest_step(workdir)
 
 
 def float32_config(config):
