@@ -11,7 +11,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -180,16 +179,7 @@ def test_teacher_objective_without_teacher_is_an_error(tmp_path):
     train.Trainer(config, str(tmp_path))
 
 
-def _config(arg=None, **updates):
-  config = tiny_config.get_config(arg)
-  with config.unlocked():
-    for key, value in updates.items():
-      target = config
-      *parents, leaf = key.split(".")
-      for p in parents:
-        target = target[p]
-      target[leaf] = value
-  return config
+_config = tiny_config.make
 
 
 @pytest.fixture(scope="module")

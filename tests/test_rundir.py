@@ -15,16 +15,7 @@ _INFO = {"name": "digits", "num_classes": 10, "label_names": list("0123456789"),
          "image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
 
 
-def _config(**updates):
-  config = tiny_config.get_config()
-  with config.unlocked():
-    for key, value in updates.items():
-      *parents, leaf = key.split(".")
-      target = config
-      for p in parents:
-        target = target[p]
-      target[leaf] = value
-  return config
+_config = tiny_config.make
 
 
 def _fake_checkpoint(workdir, step, metrics=None):

@@ -30,3 +30,16 @@ def get_config(arg=None):
   c.optim.warmup_steps = 1
   c.lock()
   return c
+
+
+def make(arg=None, **updates):
+  """get_config(arg) with dotted-field updates, e.g. ``make(**{"optim.lr": 1e-2})``."""
+  config = get_config(arg)
+  with config.unlocked():
+    for key, value in updates.items():
+      *parents, leaf = key.split(".")
+      target = config
+      for p in parents:
+        target = target[p]
+      target[leaf] = value
+  return config
