@@ -220,6 +220,13 @@ def test_teacher_is_frozen_and_not_checkpointed(tmp_path, teacher_dir):
   # the optimiser would add 2 * n_teacher.
   assert n_teacher > 100
   assert 0 < n_opt - 2 * (n_student + n_objective) <= 4
+  # Evaluation needs no teacher: the run evaluates after its teacher is gone.
+  without_teacher = config.copy_and_resolve_references()
+  with without_teacher.unlocked():
+    without_teacher.teacher.workdir = str(tmp_path / "no_such_teacher")
+  again = train.evaluate(without_teacher, str(tmp_path))
+  assert again["step"] == 4
+  assert again["eval/top1"] == pytest.approx(results["eval/top1"], abs=1e-6)
   # The teacher's weights are what its own directory holds, unchanged.
   from_disk = train.load_trained_model(teacher_dir)[1]
   for a, b in zip(jax.tree_util.tree_leaves(from_disk),

@@ -73,8 +73,9 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer(
 
 # Errors that vit_edge raises for a user's input; raised from our code they are
 # reported in one line. The same types raised inside a library stay tracebacks.
+# OSError covers checkpointing.CheckpointSaveError (disk full, unwritable directory).
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError,
-               FloatingPointError, NotADirectoryError, PermissionError)
+               FloatingPointError, NotADirectoryError, PermissionError, OSError)
 _OUR_CODE = (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
 _USAGE_STATUS, _RUN_STATUS = 2, 1
 

@@ -150,9 +150,16 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables: Any
   return new_state, metrics
 
 
+# What evaluation reads of a train state: no optimiser state, no objective parameters.
+EVAL_KEYS = ("step", "params", "batch_stats", "ema_params")
+
+
 def eval_step(state: State, batch: dict[str, jax.Array], *, model: nn.Module,
               use_ema: bool) -> EvalMetrics:
-  """Masked loss / top-1 / top-5 of one batch (padding rows have mask 0)."""
+  """Masked loss / top-1 / top-5 of one batch (padding rows have mask 0).
+
+  `state` holds the EVAL_KEYS entries of a train state.
+  """
   params = state["ema_params"] if use_ema else state["params"]
   logits, _ = model.apply(_variables(state, params), batch["image"], train=False)
   logits = logits.astype(jnp.float32)
@@ -195,7 +202,10 @@ class Trainer:
         state, metrics = trainer.train_step(state, global_batch)
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+               for_training: bool = True):
+    """With ``for_training=False`` (evaluation) no teacher is loaded: evaluation
+    needs only the student, so a distilled run evaluates without its teacher."""
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.create_mesh(config.mesh)
@@ -210,9 +220,12 @@ class Trainer:
         "std": list(self.model_info.std)}
     # Refuses a workdir of another experiment before anything is written to it.
     self.run_changes = rundir.check_run_dir(workdir, config, self.dataset_info)
-    self.objective, teacher_variables = objectives.create_objective(
-        config, student_image_size=config.image_size, student_mean=self.model_info.mean,
-        student_std=self.model_info.std)
+    if for_training:
+      self.objective, teacher_variables = objectives.create_objective(
+          config, student_image_size=config.image_size,
+          student_mean=self.model_info.mean, student_std=self.model_info.std)
+    else:
+      self.objective, teacher_variables = objectives.label_only(), {}
     self.model = self.objective.adapt_student(
         build_model(config, self.ds_info.num_classes))
     self.objective.bind_shapes(self.model, config.image_size, teacher_variables)
@@ -255,10 +268,11 @@ class Trainer:
         in_shardings=(self.state_shardings, batch_sharding, teacher_shardings),
         out_shardings=(self.state_shardings, replicated),
         donate_argnums=0)
+    self.eval_shardings = {k: self.state_shardings[k] for k in EVAL_KEYS}
     self.eval_steps = {
         use_ema: jax.jit(
             functools.partial(eval_step, model=self.model, use_ema=use_ema),
-            in_shardings=(self.state_shardings, batch_sharding),
+            in_shardings=(self.eval_shardings, batch_sharding),
             out_shardings=replicated)
         for use_ema in (False, True)}
 
@@ -287,6 +301,7 @@ class Trainer:
 
   def evaluate(self, state: State) -> dict[str, float]:
     """top1 / top5 / loss on the eval split, raw and (if kept) EMA parameters."""
+    state = {k: state[k] for k in EVAL_KEYS}
     results = {}
     variants = [("eval", False)] + ([("eval_ema", True)]
                                     if self.config.ema_decay > 0 else [])
@@ -564,9 +579,13 @@ def _stop_on_nonfinite(trainer: Trainer, watch: NonFiniteWatch) -> None:
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              step: int | None = None) -> dict[str, float]:
   """Evaluates the checkpoint of `step` (newest when None) in workdir/checkpoints."""
-  trainer = Trainer(config, workdir)
-  state = trainer.checkpoints.restore(trainer.abstract_state, trainer.state_shardings,
-                                      step=step)
+  trainer = Trainer(config, workdir, for_training=False)
+  # Only what evaluation reads: a distilled run's objective parameters and optimiser
+  # state are not needed (nor its teacher). Host numpy, then each process places its
+  # shards.
+  saved = checkpointing.load_state(workdir, step)
+  host = jax.tree_util.tree_map(np.asarray, {k: saved[k] for k in EVAL_KEYS})
+  state = jax.device_put(host, trainer.eval_shardings)
   with jax.set_mesh(trainer.mesh):
     results = trainer.evaluate(state)
   results["step"] = int(state["step"])

@@ -37,7 +37,7 @@ from vit_edge.objectives.terms import Term
 from vit_edge.objectives.terms import TERMS
 
 __all__ = ["Objective", "StepOutputs", "Term", "TERMS", "create_objective",
-           "default_config", "losses"]
+           "default_config", "label_only", "losses"]
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -163,6 +163,11 @@ class Objective:
     metrics["accuracy"] = jnp.mean(
         jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).astype(jnp.float32)
     return total, metrics
+
+
+def label_only() -> Objective:
+  """Plain cross-entropy and no teacher: what evaluation needs of any objective."""
+  return Objective([TERMS["cross_entropy"](default_config().objective)], teacher=None)
 
 
 def create_objective(config: ml_collections.ConfigDict, *, student_image_size: int,
