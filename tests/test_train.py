@@ -28,15 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**updates):
-  config = tiny_config.get_config(updates.pop("arg", None))
-  with config.unlocked():
-    for key, value in updates.items():
-      target = config
-      *parents, leaf = key.split(".")
-      for p in parents:
-        target = target[p]
-      target[leaf] = value
-  return config
+  return tiny_config.make(updates.pop("arg", None), **updates)
 
 
 def _flat(tree):
