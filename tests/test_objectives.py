@@ -2,12 +2,8 @@
 and out of the optimiser state and checkpoints; a distillation run resumes after
 SIGKILL to the same result."""
 
-import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +17,7 @@ from vit_edge.objectives import losses
 from vit_edge.objectives import terms
 
 sys.path.insert(0, os.path.dirname(__file__))
+import sigkill  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,26 +241,5 @@ def test_distillation_resumes_after_sigkill(tmp_path, teacher_dir):
   flags = ["--config.num_train_steps=8", "--config.eval_every_steps=8",
            "--config.objective.name=soft_kd", "--config.objective.tau=2.0",
            f"--config.teacher.workdir={teacher_dir}"]
-  straight = subprocess.run(_main_cmd(tmp_path / "straight", *flags),
-                            capture_output=True, text=True, cwd=REPO, timeout=900)
-  assert straight.returncode == 0, straight.stderr[-3000:]
-  expected = json.loads(straight.stdout.strip().splitlines()[-1])
-
-  killed_dir = tmp_path / "killed"
-  victim = subprocess.Popen(_main_cmd(killed_dir, *flags), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
-  deadline = time.time() + 900
-  while not (killed_dir / "checkpoints" / "4").is_dir():
-    assert victim.poll() is None, "the run ended before it could be killed"
-    assert time.time() < deadline
-    time.sleep(0.05)
-  victim.send_signal(signal.SIGKILL)
-  victim.communicate()
-
-  resumed = subprocess.run(_main_cmd(killed_dir, *flags), capture_output=True,
-                           text=True, cwd=REPO, timeout=900)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  final = json.loads(resumed.stdout.strip().splitlines()[-1])
-  assert final["step"] == 8
-  for key in ("eval/loss", "eval/top1"):
-    assert final[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6)
+  sigkill.assert_resume_matches_uninterrupted(_main_cmd, tmp_path, flags, kill_at=4,
+                                              final_step=8, cwd=REPO)

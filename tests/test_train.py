@@ -4,11 +4,9 @@ import glob
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -22,6 +20,7 @@ from vit_edge import rundir
 from vit_edge import train
 
 sys.path.insert(0, os.path.dirname(__file__))
+import sigkill  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,38 +58,10 @@ def test_train_mock_tfds_one_step(tmp_path, write_tfds_metadata):
   assert results["step"] == 1 and np.isfinite(results["eval/loss"])
 
 
-def _run_main(workdir, *extra, **popen_kwargs):
-  return subprocess.Popen(_main_cmd(workdir, *extra), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, cwd=REPO, **popen_kwargs)
-
-
 def test_sigkill_and_restart_matches_uninterrupted(tmp_path):
   steps = ["--config.num_train_steps=8", "--config.eval_every_steps=8"]
-  straight = _run_main(tmp_path / "straight", *steps)
-  out, err = straight.communicate(timeout=600)
-  assert straight.returncode == 0, err[-3000:]
-  expected = json.loads(out.strip().splitlines()[-1])
-
-  killed_dir = tmp_path / "killed"
-  victim = _run_main(killed_dir, *steps)
-  deadline = time.time() + 600
-  while not (killed_dir / "checkpoints" / "4").is_dir():
-    assert victim.poll() is None, "the run ended before it could be killed"
-    assert time.time() < deadline
-    time.sleep(0.05)
-  victim.send_signal(signal.SIGKILL)
-  victim.communicate()
-  saved = sorted(int(d) for d in os.listdir(killed_dir / "checkpoints") if d.isdigit())
-  assert 4 in saved and 8 not in saved, saved
-
-  resumed = _run_main(killed_dir, *steps)
-  out, err = resumed.communicate(timeout=600)
-  assert resumed.returncode == 0, err[-3000:]
-  assert "Resumed from" in err
-  final = json.loads(out.strip().splitlines()[-1])
-  assert final["step"] == 8
-  for key in ("eval/loss", "eval/top1"):
-    assert final[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6)
+  sigkill.assert_resume_matches_uninterrupted(_main_cmd, tmp_path, steps, kill_at=4,
+                                              final_step=8, cwd=REPO, timeout=600)
 
 
 def _write_image_folder(root, num_classes=3, per_class=4, size=16):
