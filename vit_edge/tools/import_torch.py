@@ -36,11 +36,11 @@ config variant recorded in config.json, e.g. "fashion"; default digits).
 
 from __future__ import annotations
 
+import argparse
 import os
-from typing import Any, Mapping, Optional
+import sys
+from typing import Any, Mapping, Optional, Sequence
 
-from absl import app
-from absl import flags
 import numpy as np
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -242,35 +242,47 @@ def import_checkpoint(model: str, checkpoint: str, workdir: str, *,
   return config
 
 
-_MODEL = flags.DEFINE_string("model", None, "Registry name, e.g. deit_tiny_patch16.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, ".safetensors, .npz or "
-                                  ".pth/.pt (with torch installed).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "New run directory to write.")
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "Classes of the head "
-                                    "(default: the checkpoint's; others: fresh head).")
-_CLASS_NAMES = flags.DEFINE_string("class_names", None, "Text file, one class name "
-                                   "per line in label order.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input resolution (default: "
-                                   "the model's reference resolution).")
-_CONFIG_ARG = flags.DEFINE_string("config_arg", "", "Config variant recorded in "
-                                  "config.json, e.g. 'fashion' (default: digits).")
+def _parser() -> argparse.ArgumentParser:
+  # argparse, not absl flags: module-level absl flags (--workdir) would clash with
+  # vit_edge.main's when both are imported in one process (the test suite).
+  parser = argparse.ArgumentParser(
+      prog="python -m vit_edge.tools.import_torch",
+      description="PyTorch weights -> a vit_edge run directory.")
+  parser.add_argument("--model", required=True,
+                      help="registry name, e.g. deit_tiny_patch16")
+  parser.add_argument("--checkpoint", required=True,
+                      help=".safetensors, .npz or .pth/.pt (with torch installed)")
+  parser.add_argument("--workdir", required=True, help="new run directory to write")
+  parser.add_argument("--num_classes", type=int, default=None,
+                      help="classes of the head (default: the checkpoint's; "
+                      "others: fresh head)")
+  parser.add_argument("--class_names", default=None,
+                      help="text file, one class name per line in label order")
+  parser.add_argument("--image_size", type=int, default=None,
+                      help="input resolution (default: the model's reference one)")
+  parser.add_argument("--config_arg", default="",
+                      help="config variant recorded in config.json, e.g. 'fashion' "
+                      "(default: digits)")
+  return parser
 
 
-def main(argv):
-  del argv
-  config = import_checkpoint(
-      _MODEL.value, _CHECKPOINT.value, _WORKDIR.value, num_classes=_NUM_CLASSES.value,
-      class_names_file=_CLASS_NAMES.value, image_size=_IMAGE_SIZE.value,
-      config_arg=_CONFIG_ARG.value)
-  variant = f":{_CONFIG_ARG.value}" if _CONFIG_ARG.value else ""
-  print(f"Wrote {_WORKDIR.value} ({config.model} at {config.image_size}x"
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  args = _parser().parse_args(argv)
+  try:
+    config = import_checkpoint(
+        args.model, args.checkpoint, args.workdir, num_classes=args.num_classes,
+        class_names_file=args.class_names, image_size=args.image_size,
+        config_arg=args.config_arg)
+  except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
+    sys.exit(f"error: {e}")
+  variant = f":{args.config_arg}" if args.config_arg else ""
+  print(f"Wrote {args.workdir} ({config.model} at {config.image_size}x"
         f"{config.image_size}). Export: python -m vit_edge.export "
-        f"--workdir={_WORKDIR.value}. Evaluate (the data set needs the head's class "
+        f"--workdir={args.workdir}. Evaluate (the data set needs the head's class "
         f"count): python -m vit_edge.main --config=configs/{config.model}.py{variant} "
-        f"--config.image_size={config.image_size} --workdir={_WORKDIR.value} "
+        f"--config.image_size={config.image_size} --workdir={args.workdir} "
         "--mode=eval")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["model", "checkpoint", "workdir"])
-  app.run(main)
+  main()
