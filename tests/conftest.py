@@ -4,6 +4,7 @@ The device count must be set before JAX initialises its backend, hence here.
 """
 
 import os
+import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -32,3 +33,46 @@ def write_tfds_metadata():
     builder.info.write_to_directory(builder.data_path)
 
   return write
+
+
+def _run(command):
+  return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def mount_tmpfs():
+  """``mount_tmpfs(path, size)``: a small tmpfs at path (root only; a disk that fills
+  up), unmounted afterwards whatever happens. Skips where mounting is refused."""
+  mounted = []
+
+  def mount(path, size):
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or _run(["mount", "-t", "tmpfs", "-o", f"size={size}",
+                                  "tmpfs", str(path)]).returncode:
+      pytest.skip("mounting a tmpfs needs root")
+    mounted.append(path)
+    return path
+
+  try:
+    yield mount
+  finally:
+    for path in mounted:
+      _run(["umount", "-l", str(path)])
+
+
+@pytest.fixture
+def make_immutable():
+  """``make_immutable(path)``: chattr +i, refused even to root; undone afterwards."""
+  frozen = []
+
+  def freeze(path):
+    if _run(["chattr", "+i", str(path)]).returncode:
+      pytest.skip("chattr +i is not available here")
+    frozen.append(path)
+    return path
+
+  try:
+    yield freeze
+  finally:
+    for path in frozen:
+      _run(["chattr", "-i", str(path)])

@@ -1,7 +1,5 @@
 """Checkpoint retention across restarts and clean failures of a checkpoint save."""
 
-import os
-import subprocess
 import threading
 
 import jax.numpy as jnp
@@ -42,39 +40,10 @@ def test_best_checkpoint_survives_a_restart(tmp_path, async_save):
                                 np.full((4,), 1.0))
 
 
-def _run(command):
-  return subprocess.run(command, capture_output=True, text=True, check=False)
-
-
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, mount_tmpfs):
   """A 200 KiB tmpfs (root only), unmounted afterwards whatever happens."""
-  mount_point = tmp_path / "small_disk"
-  mount_point.mkdir()
-  if os.geteuid() != 0 or _run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs",
-                                str(mount_point)]).returncode:
-    pytest.skip("mounting a tmpfs needs root")
-  try:
-    yield mount_point
-  finally:
-    _run(["umount", "-l", str(mount_point)])
-
-
-@pytest.fixture
-def make_immutable():
-  """chattr +i (refused even to root) on directories; undone afterwards."""
-  frozen = []
-
-  def freeze(path):
-    if _run(["chattr", "+i", str(path)]).returncode:
-      pytest.skip("chattr +i is not available here")
-    frozen.append(path)
-
-  try:
-    yield freeze
-  finally:
-    for path in frozen:
-      _run(["chattr", "-i", str(path)])
+  return mount_tmpfs(tmp_path / "small_disk", "200k")
 
 
 def _orbax_threads_finish():

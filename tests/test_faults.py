@@ -3,7 +3,6 @@ and leaves every checkpoint that was complete before it restorable."""
 
 import io
 import os
-import subprocess
 import sys
 
 import ml_collections
@@ -24,35 +23,18 @@ def _config(**checkpoint):
   return config
 
 
-def _run(command):
-  return subprocess.run(command, capture_output=True, text=True, check=False)
-
-
 @pytest.fixture
-def immutable_dir(tmp_path):
+def immutable_dir(tmp_path, make_immutable):
   """A directory that even root cannot write into (chattr +i); undone afterwards."""
   path = tmp_path / "run" / "checkpoints"
   path.mkdir(parents=True)
-  if _run(["chattr", "+i", str(path)]).returncode:
-    pytest.skip("chattr +i is not available here")
-  try:
-    yield path
-  finally:
-    _run(["chattr", "-i", str(path)])
+  return make_immutable(path)
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, mount_tmpfs):
   """A 16 MiB tmpfs mounted as the run's checkpoints/ (root only); unmounted after."""
-  path = tmp_path / "run" / "checkpoints"
-  path.mkdir(parents=True)
-  if os.geteuid() != 0 or _run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs",
-                                str(path)]).returncode:
-    pytest.skip("mounting a tmpfs needs root")
-  try:
-    yield path
-  finally:
-    _run(["umount", "-l", str(path)])
+  return mount_tmpfs(tmp_path / "run" / "checkpoints", "16m")
 
 
 def _fill(directory):
