@@ -216,3 +216,19 @@ def get_config(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1  # All devices (see sharding.create_mesh).
   c.lock()
   return c
+
+
+def distillation_config(student: str, objective: str, teacher_workdir: str,
+                        **objective_fields) -> ml_collections.ConfigDict:
+  """The student's Fashion-MNIST config trained with `objective` from a teacher.
+
+  Example (configs/distill/)::
+
+      distillation_config("mobilevitv2_050", "soft_kd", "workdir/fashion_teacher",
+                          alpha=0.5, tau=4.0)
+  """
+  c = get_config(student, "fashion")
+  c.objective.name = objective
+  c.objective.update(objective_fields)
+  c.teacher.workdir = teacher_workdir
+  return c

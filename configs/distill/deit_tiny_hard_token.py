@@ -18,8 +18,5 @@ from vit_edge import recipes
 
 def get_config(arg=None):
   del arg
-  c = recipes.get_config("deit_tiny_distilled_patch16", "fashion")
-  c.objective.name = "hard_token"
-  c.objective.alpha = 0.5
-  c.teacher.workdir = "workdir/fashion_teacher"
-  return c
+  return recipes.distillation_config("deit_tiny_distilled_patch16", "hard_token",
+                                     "workdir/fashion_teacher", alpha=0.5)

@@ -18,7 +18,5 @@ from vit_edge import recipes
 
 def get_config(arg=None):
   del arg
-  c = recipes.get_config("deit_tiny_patch16", "fashion")
-  c.objective.name = "cross_entropy+relation"
-  c.teacher.workdir = "workdir/fashion_vit_teacher"
-  return c
+  return recipes.distillation_config("deit_tiny_patch16", "cross_entropy+relation",
+                                     "workdir/fashion_vit_teacher")

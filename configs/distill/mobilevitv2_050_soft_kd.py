@@ -16,9 +16,5 @@ from vit_edge import recipes
 
 def get_config(arg=None):
   del arg
-  c = recipes.get_config("mobilevitv2_050", "fashion")
-  c.objective.name = "soft_kd"
-  c.objective.alpha = 0.5
-  c.objective.tau = 4.0
-  c.teacher.workdir = "workdir/fashion_teacher"
-  return c
+  return recipes.distillation_config("mobilevitv2_050", "soft_kd",
+                                     "workdir/fashion_teacher", alpha=0.5, tau=4.0)

@@ -121,15 +121,13 @@ class Objective:
     if self.teacher is not None:
       t_logits, self._teacher_aux = jax.eval_shape(self.teacher, teacher_variables,
                                                    jnp.zeros(x.shape, x.dtype))
-      if t_logits.shape[-1] != logits.shape[-1] and self._uses_teacher_logits():
+      if t_logits.shape[-1] != logits.shape[-1] and any(
+          t.uses_teacher_logits for t in self.terms):
         raise ValueError(
             f"The teacher in config.teacher.workdir has {t_logits.shape[-1]} classes "
             f"but the student has {logits.shape[-1]}; logit distillation needs the same "
             "classes. Train the teacher on the student's data set, or use the "
             "'feature' or 'relation' objective.")
-
-  def _uses_teacher_logits(self) -> bool:
-    return any(t.name in ("soft_kd", "hard_token", "logit_map") for t in self.terms)
 
   def init_params(self, rng: jax.Array) -> dict[str, Any]:
     """Learned objective parameters (trained with the student, never exported)."""

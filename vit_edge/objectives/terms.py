@@ -48,6 +48,7 @@ class Term:
 
   name = ""
   needs_teacher = False
+  uses_teacher_logits = False  # Then the teacher must have the student's classes.
 
   def metric_names(self) -> tuple[str, ...]:
     return (f"{self.name}_loss",)
@@ -99,6 +100,7 @@ class SoftKD(Term):
 
   name = "soft_kd"
   needs_teacher = True
+  uses_teacher_logits = True
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.alpha = float(config.alpha)
@@ -117,6 +119,7 @@ class HardToken(Term):
 
   name = "hard_token"
   needs_teacher = True
+  uses_teacher_logits = True
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.alpha = float(config.alpha)
@@ -255,6 +258,7 @@ class LogitMap(Term):
 
   name = "logit_map"
   needs_teacher = True
+  uses_teacher_logits = True
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.weight = float(config.logit_map_weight)

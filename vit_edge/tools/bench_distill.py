@@ -20,14 +20,12 @@ the gain of each distilled run over the mean of its plain runs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import subprocess
-import sys
-import time
 
 from absl import app
 from absl import flags
+
+from vit_edge.tools import training_runs
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/distill_runs", "Parent of all runs.")
 _EXPERIMENTS = flags.DEFINE_list("experiments", ["hard_token", "soft_kd", "relation"],
@@ -42,7 +40,7 @@ _EXTRA = flags.DEFINE_multi_string(
     "extra", [], "Extra --config.* flags for every run, e.g. "
     "--extra=--config.num_epochs=1 for a quick pass.")
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = training_runs.REPO
 _DISTILL = os.path.join(REPO, "configs", "distill")
 
 
@@ -75,18 +73,11 @@ def _workdir(run: str) -> str:
 def train_run(config: str, run: str, *config_flags: str
               ) -> tuple[dict[str, float], float]:
   """Trains `config` (path[:arg]) as `run` in a subprocess: (final metrics, s)."""
-  workdir = _workdir(run)
-  cmd = [sys.executable, "-m", "vit_edge.main", f"--config={config}",
-         f"--workdir={workdir}", *config_flags, *_EXTRA.value]
-  start = time.time()
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-  if proc.returncode != 0:
-    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1]), time.time() - start
+  return training_runs.train_in_subprocess(config, _workdir(run), *config_flags,
+                                           *_EXTRA.value)
 
 
-def _top1(results: dict[str, float]) -> float:
-  return 100 * results.get("eval_ema/top1", results["eval/top1"])
+_top1 = training_runs.top1_percent
 
 
 def _teacher(model: str) -> str:

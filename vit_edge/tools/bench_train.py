@@ -19,15 +19,14 @@ data already on the device (so it measures the model and optimizer, not tf.data)
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
 from absl import app
 from absl import flags
+
+from vit_edge.tools import training_runs
 
 _MODE = flags.DEFINE_enum("mode", "accuracy", ["accuracy", "throughput"], "What to measure.")
 _MODELS = flags.DEFINE_list("models", ["tformer_s"], "Registered model names.")
@@ -40,24 +39,17 @@ _CONFIG_ARG = flags.DEFINE_string(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent of the per-model workdirs "
                                "(accuracy); a temporary directory by default.")
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def accuracy_row(name: str, parent: str) -> str:
   """Trains configs/<name>.py[:--config_arg] in a subprocess; one table row."""
-  workdir = os.path.join(parent, name)
   variant = f":{_CONFIG_ARG.value}" if _CONFIG_ARG.value else ""
-  cmd = [sys.executable, "-m", "vit_edge.main",
-         f"--config={os.path.join(REPO, 'configs', name + '.py')}{variant}",
-         f"--workdir={workdir}"]
-  start = time.time()
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-  wall = time.time() - start
-  if proc.returncode != 0:
-    return f"| {name} | failed | {wall:.0f} | {proc.stderr.strip().splitlines()[-1]} |"
-  results = json.loads(proc.stdout.strip().splitlines()[-1])
-  top1 = results.get("eval_ema/top1", results["eval/top1"])
-  return f"| {name} | {results['step']} | {wall / 60:.1f} | {100 * top1:.2f} |"
+  config = os.path.join(training_runs.REPO, "configs", name + ".py") + variant
+  try:
+    results, wall = training_runs.train_in_subprocess(config,
+                                                      os.path.join(parent, name))
+  except RuntimeError as e:
+    return f"| {name} | failed | | {str(e).strip().splitlines()[-1]} |"
+  return (f"| {name} | {results['step']} | {wall / 60:.1f} | "
+          f"{training_runs.top1_percent(results):.2f} |")
 
 
 def throughput_row(name: str) -> str:
