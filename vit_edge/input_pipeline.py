@@ -143,6 +143,9 @@ class _Source:
   read: Callable[[Any, bool, int], tf.data.Dataset]
   decode: Callable[[tf.Tensor], tf.Tensor]
   fetch: Optional[Callable[[tf.Tensor], tf.Tensor]] = None
+  # A filtered view (class subset) counts its (sub)splits itself: their example
+  # counts are no longer the parent's positions.
+  count: Optional[Callable[[Any], int]] = None
 
   def fetched(self, ds: tf.data.Dataset) -> tf.data.Dataset:
     if self.fetch is None:
@@ -498,6 +501,53 @@ def _tfds_source(name: str, data_dir: Optional[str]) -> _Source:
 
 
 def _get_source(config) -> _Source:
+  source = _dataset_source(config)
+  classes = config.get("class_subset")
+  return class_subset_view(source, tuple(classes)) if classes else source
+
+
+def class_subset_view(source: _Source, classes: Sequence[int]) -> _Source:
+  """`source` restricted to `classes` (original ids), relabelled 0..len-1 in order.
+
+  A view, not a copy: examples are filtered and relabelled as they are read, so
+  any data set the pipeline reads (digits, Fashion-MNIST, an image folder, TFDS)
+  splits by class with no files written (DeViT's per-device sub-data sets).
+  Counting a split reads its labels once (images stay encoded).
+
+  Example: ``config.class_subset = (2, 3, 5, 7, 8)``; label 0 is class 2.
+  """
+  num_classes = len(source.label_names)
+  bad = [c for c in classes if not 0 <= int(c) < num_classes]
+  if not classes or bad or len(set(classes)) != len(classes):
+    raise ValueError(
+        f"config.class_subset={tuple(classes)}: expected distinct class ids in "
+        f"[0, {num_classes}) of {source.name!r}; bad ids {bad or 'repeated'}. Use "
+        "vit_edge.devit.decompose.class_subsets(num_classes, num_devices)[i].")
+  new_label = np.full([num_classes], -1, np.int32)
+  new_label[np.asarray(classes, np.int64)] = np.arange(len(classes), dtype=np.int32)
+  new_label = tf.constant(new_label)
+
+  def read(split, train, seed):
+    ds = source.read(split, train, seed)
+    ds = ds.filter(lambda ex: tf.gather(new_label, ex["label"]) >= 0)
+    return ds.map(lambda ex: dict(ex, label=tf.gather(new_label, ex["label"])))
+
+  counts: dict[str, int] = {}  # get_info and both iterators count the same splits.
+
+  def count(split) -> int:
+    if str(split) not in counts:
+      labels = source.read(split, False, 0).map(lambda ex: ex["label"])
+      kept = labels.map(lambda y: tf.cast(tf.gather(new_label, y) >= 0, tf.int64))
+      counts[str(split)] = int(kept.reduce(tf.constant(0, tf.int64),
+                                           lambda n, k: n + k))
+    return counts[str(split)]
+
+  return dataclasses.replace(
+      source, label_names=tuple(source.label_names[c] for c in classes), read=read,
+      count=count)
+
+
+def _dataset_source(config) -> _Source:
   if config.dataset == "digits":
     return _digits_source()
   if config.dataset == "fashion_mnist":
@@ -529,7 +579,8 @@ def _process_split(source: _Source, split: str, field: str, process_index: int,
                      "jax.process_count().")
   try:
     shares = tfds.even_splits(split, process_count)
-    sizes = [_num_examples(share, source.split_infos) for share in shares]
+    sizes = [source.count(share) if source.count else
+             _num_examples(share, source.split_infos) for share in shares]
   except (ValueError, KeyError, AssertionError) as e:
     raise ValueError(
         f"config.{field}={split!r} is not a valid split of {source.name!r}: {e} "

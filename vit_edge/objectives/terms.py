@@ -277,6 +277,8 @@ class LogitMap(Term):
     return loss, {f"{self.name}_loss": loss}
 
 
+from vit_edge.objectives.ensemble import EnsembleTokenMatch  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
 TERMS: dict[str, type[Term]] = {
     cls.name: cls for cls in (CrossEntropy, SoftKD, HardToken, Feature, Relation,
-                              LogitMap)}
+                              LogitMap, EnsembleTokenMatch)}

@@ -1,0 +1,140 @@
+"""The four DeViT training stages as configs (used by configs/devit/*.py).
+
+Stage order and default run directories (``workdir/devit``; every path is a
+config field, so ``--config.teacher.workdir=...`` etc. override them)::
+
+    teacher            the large model on all classes        workdir/devit/teacher
+    sub_teacher k      it, fine-tuned on class subset k      workdir/devit/n{N}/sub_teacher_{k}
+    submodel k         small ViT distilled from sub-teacher  workdir/devit/n{N}/submodel_{k}
+                       (hard-token + Q/K/V relation at the middle block)
+    ensemble           the N sub-models stacked, fused, trained jointly with DEKD
+                       workdir/devit/n{N}/ensemble (initialised from the sub-models
+                       by ``python -m vit_edge.devit.assemble``)
+
+Arguments (comma-separated ``key=value``; big_vision style):
+``n`` devices (default 2), ``k`` the device of a per-device stage, ``classes``
+(default 10, Fashion-MNIST), ``teacher`` (default deit_small_patch16),
+``width`` / ``depth`` / ``heads`` of the sub-models (DeiT-Ti: 192 / 12 / 3),
+``distilled`` (1: DeDeiT sub-models with a distillation token), ``failout``
+(ensemble drop probability per device, default 0.25), ``root`` (default
+workdir/devit).
+
+Example::
+
+    config = ensemble_config("n=4,distilled=1")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from vit_edge import models
+from vit_edge import recipes
+from vit_edge.devit import decompose
+
+_DEFAULTS = {"n": "2", "k": "", "classes": "10", "teacher": "deit_small_patch16",
+             "width": "192", "depth": "12", "heads": "3", "distilled": "0",
+             "failout": "0.25", "root": "workdir/devit"}
+
+
+def parse_arg(arg: str | None) -> dict[str, Any]:
+  """``"n=4,k=1"`` -> the stage options with defaults, checked."""
+  options = dict(_DEFAULTS)
+  for item in (arg or "").split(","):
+    if not item:
+      continue
+    key, sep, value = item.partition("=")
+    if not sep or key not in _DEFAULTS:
+      raise ValueError(f"DeViT config argument {item!r}: expected key=value with key "
+                       f"in {sorted(_DEFAULTS)}, e.g. 'n=4,k=0'.")
+    options[key] = value
+  out = dict(options, n=int(options["n"]), classes=int(options["classes"]),
+             width=int(options["width"]), depth=int(options["depth"]),
+             heads=int(options["heads"]), distilled=options["distilled"] in ("1", "true"),
+             failout=float(options["failout"]))
+  out["subsets"] = decompose.class_subsets(out["classes"], out["n"])
+  return out
+
+
+def _device(options: dict[str, Any]) -> int:
+  if options["k"] == "":
+    raise ValueError("This DeViT stage trains one device's model: pass k=INDEX "
+                     f"(0..{options['n'] - 1}), e.g. ':n={options['n']},k=0'.")
+  k = int(options["k"])
+  if not 0 <= k < options["n"]:
+    raise ValueError(f"k={k} is not a device of n={options['n']}; use 0..{options['n'] - 1}.")
+  return k
+
+
+def run_dirs(options: dict[str, Any]) -> dict[str, Any]:
+  """The default run directory of every stage."""
+  base = f"{options['root']}/n{options['n']}"
+  return {"teacher": f"{options['root']}/teacher",
+          "sub_teachers": [f"{base}/sub_teacher_{k}" for k in range(options["n"])],
+          "submodels": [f"{base}/submodel_{k}" for k in range(options["n"])],
+          "ensemble_init": f"{base}/ensemble_init", "ensemble": f"{base}/ensemble"}
+
+
+def _devit_fields(c: ml_collections.ConfigDict, options: dict[str, Any]) -> None:
+  """config.devit: what export and the runtime need to know of the decomposition."""
+  dirs = run_dirs(options)
+  c.devit = ml_collections.ConfigDict({
+      "num_devices": options["n"], "seed": decompose.DEVIT_SEED,
+      "class_subsets": [list(s) for s in options["subsets"]],
+      "submodel_workdirs": dirs["submodels"]})
+
+
+def teacher_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The large model on every class (the DEKD ensemble's teacher)."""
+  options = parse_arg(arg)
+  return recipes.get_config(options["teacher"], "fashion")
+
+
+def sub_teacher_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The large model fine-tuned on class subset k, from the full-data teacher."""
+  options = parse_arg(arg)
+  k = _device(options)
+  c = recipes.get_config(options["teacher"], "fashion")
+  with c.unlocked():
+    c.class_subset = tuple(options["subsets"][k])
+    c.init_from = run_dirs(options)["teacher"]
+  return c
+
+
+def _student_model(options: dict[str, Any]) -> str:
+  return "deit_tiny_distilled_patch16" if options["distilled"] else "deit_tiny_patch16"
+
+
+def submodel_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Device k's small ViT, distilled from its sub-teacher (hard token + relation)."""
+  options = parse_arg(arg)
+  k = _device(options)
+  c = recipes.distillation_config(_student_model(options), "hard_token+relation",
+                                  run_dirs(options)["sub_teachers"][k], alpha=0.5)
+  with c.unlocked():
+    c.class_subset = tuple(options["subsets"][k])
+    c.model_overrides.update(embed_dim=options["width"], depth=options["depth"],
+                             num_heads=options["heads"])
+  return c
+
+
+def ensemble_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The N sub-models stacked and fused, trained with DEKD and failout."""
+  options = parse_arg(arg)
+  dirs = run_dirs(options)
+  teacher_width = models.create_model(options["teacher"]).embed_dim
+  c = recipes.get_config("devit_tiny_patch16", "fashion")
+  with c.unlocked():
+    c.model_overrides.update(
+        num_devices=options["n"], embed_dim=options["width"], depth=options["depth"],
+        num_heads=options["heads"], distilled=options["distilled"],
+        teacher_dim=teacher_width, failout_rate=options["failout"])
+    c.objective.name = "hard_token+dekd_feature"
+    c.objective.alpha = 0.5
+    c.objective.dekd_weight = 1.0
+    c.teacher.workdir = dirs["teacher"]
+    c.init_from = dirs["ensemble_init"]
+    _devit_fields(c, options)
+  return c
