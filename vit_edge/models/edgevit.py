@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -142,6 +142,8 @@ class LocalAgg(nn.Module):
   drop_path: float = 0.0
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  # ConvMLP hidden width; None = dim * mlp_ratio (structured pruning sets it).
+  mlp_hidden: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -153,7 +155,8 @@ class LocalAgg(nn.Module):
     y = _conv(dim, 1, dim, self.dtype, "conv2")(y)
     x = x + layers.DropPath(self.drop_path)(y, deterministic=not train)
     y = layers.batch_norm(train, self.dtype, name="norm2")(x)
-    y = CMlp(int(dim * self.mlp_ratio), self.dropout_rate, self.dtype, name="mlp")(
+    y = CMlp(self.mlp_hidden or int(dim * self.mlp_ratio), self.dropout_rate,
+             self.dtype, name="mlp")(
         y, deterministic=not train)
     return x + layers.DropPath(self.drop_path)(y, deterministic=not train)
 
@@ -171,12 +174,17 @@ class GlobalSparseAttn(nn.Module):
   attn_dropout_rate: float = 0.0
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  # Per-head width; None = c // num_heads. Structured pruning removes whole heads
+  # (only where sr_ratio == 1: LocalProp's LayerNorm would mix the removed channels
+  # into the kept ones), so the inner width num_heads * head_dim falls below c.
+  head_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     b, h, w, c = x.shape
     r = self.sr_ratio
-    head_dim = c // self.num_heads
+    head_dim = self.head_dim or c // self.num_heads
+    inner = self.num_heads * head_dim
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=layers.trunc_normal,
                               bias_init=nn.initializers.zeros)
     if r > 1:
@@ -184,14 +192,14 @@ class GlobalSparseAttn(nn.Module):
       x = x[:, ::r, ::r, :]
     hs, ws = x.shape[1], x.shape[2]
     tokens = x.reshape(b, hs * ws, c)
-    qkv = dense(3 * c, use_bias=self.qkv_bias, name="qkv")(tokens)
+    qkv = dense(3 * inner, use_bias=self.qkv_bias, name="qkv")(tokens)
     qkv = qkv.reshape(b, hs * ws, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
     attn = (q @ k.swapaxes(-2, -1)) * (head_dim ** -0.5)
     attn = jax.nn.softmax(attn.astype(jnp.promote_types(attn.dtype, jnp.float32)),
                           axis=-1).astype(self.dtype)
     attn = nn.Dropout(self.attn_dropout_rate)(attn, deterministic=deterministic)
-    out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, hs, ws, c)
+    out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, hs, ws, inner)
     if r > 1:
       out = DepthwiseConvTransposeNoOverlap(r, self.dtype, name="LocalProp")(out)
       out = _layer_norm(1e-5, self.dtype, "norm")(out)
@@ -210,6 +218,9 @@ class SelfAttn(nn.Module):
   dropout_rate: float = 0.0
   attn_dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  # Structured pruning's widths (None = the defaults): see GlobalSparseAttn.
+  head_dim: Optional[int] = None
+  mlp_hidden: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -218,10 +229,12 @@ class SelfAttn(nn.Module):
     y = _layer_norm(1e-6, self.dtype, "norm1")(x)
     y = GlobalSparseAttn(self.num_heads, self.sr_ratio, self.qkv_bias,
                          self.attn_dropout_rate, self.dropout_rate, self.dtype,
-                         name="attn")(y, deterministic=not train)
+                         head_dim=self.head_dim, name="attn")(
+                             y, deterministic=not train)
     x = x + layers.DropPath(self.drop_path)(y, deterministic=not train)
     y = _layer_norm(1e-6, self.dtype, "norm2")(x)
-    y = layers.Mlp(int(dim * self.mlp_ratio), dropout_rate=self.dropout_rate,
+    y = layers.Mlp(self.mlp_hidden or int(dim * self.mlp_ratio),
+                   dropout_rate=self.dropout_rate,
                    dtype=self.dtype, name="mlp")(y, deterministic=not train)
     return x + layers.DropPath(self.drop_path)(y, deterministic=not train)
 
@@ -237,15 +250,20 @@ class LGLBlock(nn.Module):
   dropout_rate: float = 0.0
   attn_dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  # Structured pruning's widths (None = the defaults).
+  head_dim: Optional[int] = None
+  local_mlp_hidden: Optional[int] = None
+  mlp_hidden: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.sr_ratio > 1:
       x = LocalAgg(self.mlp_ratio, self.drop_path, self.dropout_rate, self.dtype,
-                   name="LocalAgg")(x, train)
+                   mlp_hidden=self.local_mlp_hidden, name="LocalAgg")(x, train)
     return SelfAttn(self.num_heads, self.mlp_ratio, self.sr_ratio, self.qkv_bias,
                     self.drop_path, self.dropout_rate, self.attn_dropout_rate,
-                    self.dtype, name="SelfAttn")(x, train)
+                    self.dtype, head_dim=self.head_dim, mlp_hidden=self.mlp_hidden,
+                    name="SelfAttn")(x, train)
 
 
 class EdgeViT(nn.Module):
@@ -270,6 +288,10 @@ class EdgeViT(nn.Module):
     dropout_rate: the reference's drop_rate (after the stem, in MLPs, after proj).
     attn_dropout_rate: dropout on attention probabilities (reference attn_drop_rate).
     dtype: compute dtype; parameters stay float32.
+    unit_widths: units kept per block after structured pruning (vit_edge.compress),
+      keyed by module path: ``"blocks4_0/SelfAttn/attn"`` -> heads (stages with
+      sr_ratio 1 only; each head keeps head_dim), ``"blocks2_0/SelfAttn/mlp"`` and
+      ``"blocks2_0/LocalAgg/mlp"`` -> MLP hidden units. None (default) = unpruned.
   """
 
   depths: Sequence[int] = (1, 1, 3, 2)
@@ -283,10 +305,12 @@ class EdgeViT(nn.Module):
   dropout_rate: float = 0.0
   attn_dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  unit_widths: Optional[Mapping[str, int]] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
     layers.check_divisible_resolution(x, TOTAL_STRIDE, "EdgeViT")
+    widths = self.unit_widths or {}
     x = x.astype(self.dtype)
     dpr = layers.drop_path_rates(self.drop_path_rate, self.depths)
     aux = {}
@@ -296,10 +320,15 @@ class EdgeViT(nn.Module):
         aux["stem"] = x
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)  # pos_drop
       for i in range(depth):
-        x = LGLBlock(dim // self.head_dim, self.mlp_ratio, self.sr_ratios[s],
-                     self.qkv_bias, dpr[s][i], self.dropout_rate,
-                     self.attn_dropout_rate, self.dtype,
-                     name=f"blocks{s + 1}_{i}")(x, train)
+        block = f"blocks{s + 1}_{i}"
+        heads = dim // self.head_dim
+        x = LGLBlock(widths.get(f"{block}/SelfAttn/attn", heads),
+                     self.mlp_ratio, self.sr_ratios[s], self.qkv_bias, dpr[s][i],
+                     self.dropout_rate, self.attn_dropout_rate, self.dtype,
+                     head_dim=dim // heads,
+                     local_mlp_hidden=widths.get(f"{block}/LocalAgg/mlp"),
+                     mlp_hidden=widths.get(f"{block}/SelfAttn/mlp"),
+                     name=block)(x, train)
       aux[f"stage{s + 1}"] = x
     x = layers.batch_norm(train, self.dtype, name="norm")(x)
     x = jnp.mean(x, axis=(1, 2))

@@ -86,7 +86,7 @@ The Flax tree mirrors it with ``network.K.J`` -> ``network_K_J``, ``network.K`` 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -281,11 +281,14 @@ class PCSFFN(nn.Module):
   groups: int = 2
   fold_shuffle: bool = False
   dtype: Dtype = jnp.float32
+  # Hidden width; None = dim * mlp_ratio. Structured pruning keeps it a multiple of
+  # groups^2 (whole shuffle groups), so the shuffle still feeds whole fc2 groups.
+  hidden_features: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     dim, g = x.shape[-1], self.groups
-    hidden = dim * self.mlp_ratio
+    hidden = self.hidden_features or dim * self.mlp_ratio
     # Without the shuffle each half of the output would only ever see its own half of
     # the input; the shuffle lets fc2's groups mix information from both fc1 groups.
     x = x.astype(self.dtype)
@@ -330,6 +333,7 @@ class TFormerBlock(nn.Module):
   layer_scale_init: float = 1e-5
   fold_shuffle: bool = False
   dtype: Dtype = jnp.float32
+  mlp_hidden: Optional[int] = None  # PCS-FFN hidden width (None = dim * mlp_ratio).
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -345,7 +349,7 @@ class TFormerBlock(nn.Module):
     x = x + drop(ls1.astype(y.dtype) * y, deterministic=not train)
     y = group_norm(self.dtype, "norm2")(x)
     y = PCSFFN(self.mlp_ratio, self.groups, self.fold_shuffle, dtype=self.dtype,
-               name="mlp")(y)
+               hidden_features=self.mlp_hidden, name="mlp")(y)
     return x + drop(ls2.astype(y.dtype) * y, deterministic=not train)
 
 
@@ -397,6 +401,10 @@ class TFormer(nn.Module):
       average pools as window-sum ratios); :meth:`export_form` turns it on for
       the exporter, training leaves it off.
     dtype: compute dtype (parameters stay float32).
+    unit_widths: PCS-FFN hidden widths kept by structured pruning
+      (vit_edge.compress), keyed by module path (``"network_4_1/mlp"``), each a
+      multiple of ffn_groups^2; blocks not listed keep dim * mlp_ratio. None
+      (default) = unpruned.
   """
 
   depths: Sequence[int] = (2, 2, 6, 2)
@@ -409,6 +417,7 @@ class TFormer(nn.Module):
   dropout_rate: float = 0.0
   export_friendly: bool = False
   dtype: Dtype = jnp.float32
+  unit_widths: Optional[Mapping[str, int]] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
@@ -424,10 +433,12 @@ class TFormer(nn.Module):
         # PoolFormer's network list: stage i sits at index 2i, its downsampler at 2i-1.
         x = PatchEmbed(width, 3, 2, 1, dtype=self.dtype, name=f"network_{2 * i - 1}")(x)
       for j in range(depth):
+        block = f"network_{2 * i}_{j}"
         x = TFormerBlock(drop_path=rates[i][j], mlp_ratio=self.mlp_ratio,
                          groups=self.ffn_groups, layer_scale_init=self.layer_scale_init,
                          fold_shuffle=self.export_friendly, dtype=self.dtype,
-                         name=f"network_{2 * i}_{j}")(x, train)
+                         mlp_hidden=(self.unit_widths or {}).get(f"{block}/mlp"),
+                         name=block)(x, train)
       aux[f"stage{i + 1}"] = x
 
     x = group_norm(self.dtype, "norm")(x)

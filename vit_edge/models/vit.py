@@ -75,27 +75,33 @@ class Attention(nn.Module):
   """Multi-head self-attention with one fused qkv projection (timm ``Attention``).
 
   Attributes:
-    num_heads: number of heads; the token width must be divisible by it.
+    num_heads: number of heads; the token width must be divisible by it unless
+      head_dim is set.
     qkv_bias: bias on the qkv projection (True for ViT/DeiT).
     dtype: compute dtype.
+    head_dim: per-head width; None = token width / num_heads. Set by structured
+      pruning, which keeps each head's width but removes whole heads, so the
+      attention's inner width (num_heads * head_dim) is below the token width.
   """
 
   num_heads: int
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
+  head_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Returns the attended tokens [B, N, D] and (q, k, v), each [B, heads, N, hd]."""
     b, n, dim = x.shape
-    if dim % self.num_heads:
+    if self.head_dim is None and dim % self.num_heads:
       raise ValueError(f"Token width {dim} is not divisible by num_heads="
                        f"{self.num_heads}; pick a num_heads that divides embed_dim.")
-    head_dim = dim // self.num_heads
+    head_dim = self.head_dim or dim // self.num_heads
+    inner = self.num_heads * head_dim
     dense = functools.partial(nn.Dense, dtype=self.dtype,
                               kernel_init=layers.trunc_normal,
                               bias_init=nn.initializers.zeros)
-    qkv = dense(3 * dim, use_bias=self.qkv_bias, name="qkv")(x)
+    qkv = dense(3 * inner, use_bias=self.qkv_bias, name="qkv")(x)
     # Same split as timm: reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4).
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
@@ -103,7 +109,7 @@ class Attention(nn.Module):
     # Softmax in float32 so bf16 inference keeps the attention rows normalised.
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bhkd->bhqd", attn, v)
-    out = out.transpose(0, 2, 1, 3).reshape(b, n, dim)
+    out = out.transpose(0, 2, 1, 3).reshape(b, n, inner)
     return dense(dim, name="proj")(out), (q, k, v)
 
 
@@ -116,6 +122,8 @@ class Block(nn.Module):
     qkv_bias: bias on the qkv projection.
     drop_path_rate: stochastic-depth rate of both residual branches.
     dtype: compute dtype.
+    head_dim: per-head width (None = token width / num_heads); see Attention.
+    mlp_hidden: MLP hidden width; None = token width * mlp_ratio.
   """
 
   num_heads: int
@@ -123,6 +131,8 @@ class Block(nn.Module):
   qkv_bias: bool = True
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  head_dim: Optional[int] = None
+  mlp_hidden: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False
@@ -130,11 +140,12 @@ class Block(nn.Module):
     """Returns the block output and the attention's (q, k, v)."""
     norm = functools.partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=self.dtype)
     y, qkv = Attention(self.num_heads, self.qkv_bias, dtype=self.dtype,
-                       name="attn")(norm(name="norm1")(x))
+                       head_dim=self.head_dim, name="attn")(norm(name="norm1")(x))
     x = x + layers.DropPath(self.drop_path_rate, name="drop_path1")(
         y, deterministic=not train)
-    y = layers.Mlp(int(x.shape[-1] * self.mlp_ratio), dtype=self.dtype,
-                   name="mlp")(norm(name="norm2")(x), deterministic=not train)
+    hidden = self.mlp_hidden or int(x.shape[-1] * self.mlp_ratio)
+    y = layers.Mlp(hidden, dtype=self.dtype, name="mlp")(
+        norm(name="norm2")(x), deterministic=not train)
     x = x + layers.DropPath(self.drop_path_rate, name="drop_path2")(
         y, deterministic=not train)
     return x, qkv
@@ -167,6 +178,10 @@ class VisionTransformer(nn.Module):
     drop_path_rate: stochastic depth, rising linearly over blocks from 0 (timm).
     dropout_rate: dropout on the token(s) fed to the head(s) (timm ``drop_rate``).
     dtype: compute dtype; parameters stay float32.
+    unit_widths: units kept per block after structured pruning (vit_edge.compress),
+      keyed by module path: ``"blocks_3/attn"`` -> heads (each keeps the width
+      embed_dim // num_heads), ``"blocks_3/mlp"`` -> MLP hidden units. Blocks not
+      listed keep the size's widths; None (default) = unpruned.
   """
 
   num_classes: int = 1000
@@ -182,6 +197,7 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  unit_widths: Optional[Mapping[str, int]] = None
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -210,6 +226,9 @@ class VisionTransformer(nn.Module):
           f"images to {self.image_size}x{self.image_size}, or build the model for the "
           f"new size with create_model(..., image_size={h}) (square inputs; port "
           "trained weights with vit.resize_pos_embed).")
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads="
+                       f"{self.num_heads}; pick a num_heads that divides embed_dim.")
     if _qkv_block_out_of_range(self.qkv_block, self.depth):
       raise ValueError(f"qkv_block={self.qkv_block} is out of range for depth="
                        f"{self.depth}; use 0..{self.depth - 1} or a negative index.")
@@ -240,9 +259,13 @@ class VisionTransformer(nn.Module):
     rates = layers.drop_path_rates(self.drop_path_rate, [self.depth])[0]
     qkv_block = (None if self.qkv_block is None
                  else self.qkv_block % self.depth)
+    widths = self.unit_widths or {}
     for i, rate in enumerate(rates):
-      x, qkv = Block(self.num_heads, self.mlp_ratio, self.qkv_bias, rate,
-                     dtype=self.dtype, name=f"blocks_{i}")(x, train)
+      heads = widths.get(f"blocks_{i}/attn", self.num_heads)
+      x, qkv = Block(heads, self.mlp_ratio, self.qkv_bias, rate, dtype=self.dtype,
+                     head_dim=self.embed_dim // self.num_heads,
+                     mlp_hidden=widths.get(f"blocks_{i}/mlp"),
+                     name=f"blocks_{i}")(x, train)
       if i == qkv_block:
         aux["q"], aux["k"], aux["v"] = qkv
 
