@@ -33,6 +33,9 @@ PINNED_PARAMS = {
     "tformer_s": 8_379_560,
     "tformer_m": 14_317_736,
     "tformer_l": 20_255_912,
+    # Routed MobileViTv2 (mixture of experts), a reconstruction: mobilevitv2_moe.py.
+    "mobilevitv2_moe_s": 1_375_969,
+    "mobilevitv2_moe_xs": 1_203_169,
 }
 
 # The smallest model of each family, for the (slower) behavioural tests.
@@ -75,7 +78,9 @@ def test_tformer_matches_published_params_at_published_precision(
 
 def test_list_models_patterns():
   assert models.list_models("edgevit_*") == ["edgevit_s", "edgevit_xs", "edgevit_xxs"]
-  assert len(models.list_models("mobilevitv2_*")) == 7
+  assert len(models.list_models("mobilevitv2_[0-9]*")) == 7
+  assert models.list_models("mobilevitv2_moe_*") == ["mobilevitv2_moe_s",
+                                                     "mobilevitv2_moe_xs"]
   assert models.list_models("no_such_*") == []
   assert set(SMALLEST.values()) <= set(models.list_models())
 

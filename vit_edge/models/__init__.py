@@ -10,6 +10,7 @@ from vit_edge.models.registry import (ModelInfo, create_model, get_model_info,
 # Imported for their registration side effect.
 from vit_edge.models import edgevit  # noqa: F401  pylint: disable=g-bad-import-order
 from vit_edge.models import mobilevitv2  # noqa: F401
+from vit_edge.models import mobilevitv2_moe  # noqa: F401
 from vit_edge.models import tformer  # noqa: F401
 from vit_edge.models import vit  # noqa: F401
 from vit_edge.devit import ensemble as _devit_ensemble  # noqa: F401,E402  (DeViT)

@@ -27,7 +27,10 @@ instead of timm's fan-out normal / normal(0.01). Neither changes inference.
 
 The transformer layer's FFN is pluggable (``LinearTransformerBlock.ffn``, and per
 layer through ``MobileViTv2.ffn_for_layer``) so that a mixture-of-experts variant
-can replace the FFN of chosen layers without copying the model.
+can replace the FFN of chosen layers without copying the model. An FFN may return
+``(y, ffn_aux)`` instead of ``y``; the model then returns each such layer's
+``ffn_aux`` entries in its ``aux`` as ``"stage{s}_layer{i}/<key>"`` (the routing
+of `vit_edge.models.moe`, read by the balance losses and the routing picture).
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ from vit_edge.models import registry
 Dtype = Any
 # Builds an FFN: called as ``ffn(hidden_features=..., dtype=..., name="mlp")``; the
 # module maps ``(x, deterministic=...)`` with x of shape [B, P, N, d] to the same
-# shape. ``layers.Mlp`` fits; a mixture-of-experts FFN can too.
+# shape, or to ``(y, ffn_aux)`` with a dict of named intermediates. ``layers.Mlp``
+# fits; so does the mixture of experts ``moe.MoeFfn``.
 FfnFactory = Callable[..., nn.Module]
 
 # timm's ConvMlp in LinearTransformerBlock: 1x1 d->2d, SiLU, 1x1 2d->d (both with
@@ -186,6 +190,8 @@ class LinearTransformerBlock(nn.Module):
       positions, N patches) and returns that shape. Replace it (e.g. with a
       per-patch mixture of experts) to change this layer's FFN; the default is
       timm's ConvMlp (``fc1``/``fc2``, SiLU).
+    return_ffn_aux: return ``(x, ffn_aux)`` ({} when the FFN returns an array)
+      instead of ``x``.
     dtype: compute dtype.
 
   Example::
@@ -196,10 +202,11 @@ class LinearTransformerBlock(nn.Module):
   mlp_ratio: float = 2.0
   drop_path_rate: float = 0.0
   ffn: FfnFactory = DEFAULT_FFN
+  return_ffn_aux: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> Any:
     dim = x.shape[-1]
     norm = functools.partial(nn.GroupNorm, num_groups=1, epsilon=1e-5,
                              use_fast_variance=False, dtype=self.dtype)
@@ -209,7 +216,11 @@ class LinearTransformerBlock(nn.Module):
     mlp = self.ffn(hidden_features=int(dim * self.mlp_ratio), dtype=self.dtype,
                    name="mlp")
     y = mlp(norm(name="norm2")(x), deterministic=not train)
-    return x + drop_path(y, deterministic=not train)
+    ffn_aux = {}
+    if isinstance(y, tuple):  # An FFN with intermediates (a mixture of experts).
+      y, ffn_aux = y
+    x = x + drop_path(y, deterministic=not train)
+    return (x, ffn_aux) if self.return_ffn_aux else x
 
 
 def _align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
@@ -280,6 +291,8 @@ class MobileViTv2Block(nn.Module):
     drop_path_rate: stochastic depth of every transformer layer.
     ffns: per transformer layer, an FFN factory or None for ``DEFAULT_FFN`` (see
       :class:`LinearTransformerBlock`); None means the default everywhere.
+    return_ffn_aux: return ``(x, ffn_aux)`` with the FFN intermediates of layer
+      i as ``"layer{i}/<key>"`` instead of ``x``.
     dtype: compute dtype.
   """
 
@@ -290,10 +303,11 @@ class MobileViTv2Block(nn.Module):
   mlp_ratio: float = 2.0
   drop_path_rate: float = 0.0
   ffns: Optional[Sequence[Optional[FfnFactory]]] = None
+  return_ffn_aux: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> Any:
     p = self.patch_size
     h, w = -(-x.shape[1] // p) * p, -(-x.shape[2] // p) * p
     if (h, w) != x.shape[1:3]:
@@ -307,16 +321,19 @@ class MobileViTv2Block(nn.Module):
     if len(ffns) != self.depth:
       raise ValueError(f"ffns has {len(ffns)} entries; expected one per "
                        f"transformer layer ({self.depth}).")
+    ffn_aux = {}
     for i, ffn in enumerate(ffns):
-      x = LinearTransformerBlock(
+      x, layer_aux = LinearTransformerBlock(
           mlp_ratio=self.mlp_ratio, drop_path_rate=self.drop_path_rate,
-          ffn=ffn or DEFAULT_FFN, dtype=self.dtype,
+          ffn=ffn or DEFAULT_FFN, return_ffn_aux=True, dtype=self.dtype,
           name=f"transformer_{i}")(x, train)
+      ffn_aux.update({f"layer{i}/{k}": v for k, v in layer_aux.items()})
     x = nn.GroupNorm(num_groups=1, epsilon=1e-5, use_fast_variance=False,
                      dtype=self.dtype, name="norm")(x)
     x = fold_patches(x, p, h, w)
-    return ConvNormAct(self.features, 1, apply_act=False, dtype=self.dtype,
-                       name="conv_proj")(x, train)
+    x = ConvNormAct(self.features, 1, apply_act=False, dtype=self.dtype,
+                    name="conv_proj")(x, train)
+    return (x, ffn_aux) if self.return_ffn_aux else x
 
 
 def mobilevitv2_channels(width_multiplier: float) -> tuple[int, tuple[int, ...],
@@ -337,7 +354,9 @@ class MobileViTv2(nn.Module):
   """MobileViTv2 classifier (timm ``mobilevitv2_*``); returns ``(logits, aux)``.
 
   aux: "stem", "stage1".."stage5" (outputs of the five layers, NHWC) and
-  "pre_logits" (globally pooled features, before dropout and the head).
+  "pre_logits" (globally pooled features, before dropout and the head); with FFNs
+  that return intermediates (``ffn_for_layer``), also
+  ``"stage{s}_layer{i}/<key>"`` for each of them.
 
   Attributes:
     width_multiplier: a in {0.5, 0.75, ..., 2.0}; scales every width.
@@ -364,6 +383,15 @@ class MobileViTv2(nn.Module):
   ffn_for_layer: Optional[Callable[[int, int], Optional[FfnFactory]]] = None
   dtype: Dtype = jnp.float32
 
+  def layer_ffn(self, stage: int, layer: int) -> Optional[FfnFactory]:
+    """The FFN factory of one transformer layer (None: the default ConvMlp).
+
+    Subclasses with other FFNs (`vit_edge.models.mobilevitv2_moe`) override it.
+    """
+    if self.ffn_for_layer is None:
+      return None
+    return self.ffn_for_layer(stage, layer)
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -384,12 +412,11 @@ class MobileViTv2(nn.Module):
                              name=f"stages_{s}_1")(x, train)
       elif s >= 2:
         depth = _TRANSFORMER_DEPTHS[s - 2]
-        ffns = None
-        if self.ffn_for_layer is not None:
-          ffns = tuple(self.ffn_for_layer(s + 1, i) for i in range(depth))
-        x = MobileViTv2Block(outs[s], attn[s - 2], depth,
-                             drop_path_rate=dpr[s][1], ffns=ffns,
-                             dtype=self.dtype, name=f"stages_{s}_1")(x, train)
+        ffns = tuple(self.layer_ffn(s + 1, i) for i in range(depth))
+        x, ffn_aux = MobileViTv2Block(
+            outs[s], attn[s - 2], depth, drop_path_rate=dpr[s][1], ffns=ffns,
+            return_ffn_aux=True, dtype=self.dtype, name=f"stages_{s}_1")(x, train)
+        aux.update({f"stage{s + 1}_{k}": v for k, v in ffn_aux.items()})
       aux[f"stage{s + 1}"] = x
     x = jnp.mean(x, axis=(1, 2))
     aux["pre_logits"] = x

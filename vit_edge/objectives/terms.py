@@ -282,3 +282,8 @@ from vit_edge.objectives.ensemble import EnsembleTokenMatch  # noqa: E402  pylin
 TERMS: dict[str, type[Term]] = {
     cls.name: cls for cls in (CrossEntropy, SoftKD, HardToken, Feature, Relation,
                               LogitMap, EnsembleTokenMatch)}
+
+# Mixture-of-experts balance losses (moe_importance, moe_load, moe_switch, moe_z):
+# their module subclasses Term, so it is imported once Term exists.
+from vit_edge.objectives import balance  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+TERMS.update({cls.name: cls for cls in balance.BALANCE_TERMS})
