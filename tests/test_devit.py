@@ -2,7 +2,6 @@
 failout, the DEKD objective in one jitted train step, assembly and export."""
 
 import functools
-import json
 import random
 
 import jax
@@ -26,12 +25,6 @@ from vit_edge.objectives import teacher as teacher_lib
 
 TINY = dict(num_classes=10, num_devices=3, image_size=32, patch_size=16,
             embed_dim=16, depth=1, num_heads=2, teacher_dim=24)
-
-
-def _apply(model, variables, *args, method=None, **kwargs):
-  """model.apply under jit (eager dispatch of each op is slow on this CPU)."""
-  fn = jax.jit(lambda v, *a: model.apply(v, *a, method=method, **kwargs))
-  return fn(variables, *args)
 
 
 def _images(n=4, seed=0):
@@ -110,55 +103,53 @@ def test_stage_configs_for_any_n():
 # The stacked ensemble.
 
 
-def test_ensemble_slices_are_the_device_models(distilled=True):
-  model = ensemble.DeViTEnsemble(**TINY, distilled=distilled)
-  x = _images()
-  variables = model.init(jax.random.key(0), x)
-  assert variables["params"]["submodels"]["pos_embed"].shape[0] == 3
-  logits, aux = _apply(model, variables, x)
-  prefix = 2 if distilled else 1
-  assert logits.shape == (4, 10) and aux["fused_tokens"].shape == (4, prefix, 24)
-  tokens = _apply(model, variables, x, method="device_tokens")
-  assert tokens.shape == (4, 3, prefix, 16)
-  device_apply = jax.jit(model.submodel().apply)
-  for device in range(3):  # Slice k of the stack is a plain ViT: what device k runs.
-    _, sub_aux = device_apply(
-        {"params": ensemble.submodel_params(variables["params"], device)}, x)
-    np.testing.assert_allclose(tokens[:, device], sub_aux["tokens"][:, :prefix],
-                               atol=1e-5)
-  fused, _ = _apply(model, variables, tokens, method="fuse")
-  np.testing.assert_allclose(fused, logits, atol=1e-5)
-  if distilled:
-    np.testing.assert_allclose(logits, (aux["logits_cls"] + aux["logits_dist"]) / 2,
-                               atol=1e-6)
-
-
-def test_failout_substitutes_the_learned_missing_token():
-  model = ensemble.DeViTEnsemble(**TINY, failout_rate=0.5)
+def test_ensemble_slices_are_the_device_models_and_failout_substitutes():
+  model = ensemble.DeViTEnsemble(**TINY, distilled=True, failout_rate=0.5)
   x = _images(8)
-  variables = model.init(jax.random.key(0), x)
-  tokens = _apply(model, variables, x, method="device_tokens")
+  variables = model.init(jax.random.key(0), x[:1])
+  assert variables["params"]["submodels"]["pos_embed"].shape[0] == 3
+  device_model = model.submodel()
+  # Device 1 absent: its tokens are replaced, so its input no longer matters.
+  absent = jnp.ones((8, 3)).at[:, 1].set(0.0)
+
+  @jax.jit
+  def run(variables, x):  # One compilation for every check below.
+    apply = functools.partial(model.apply, variables)
+    logits, aux = apply(x)
+    tokens = apply(x, method="device_tokens")
+    per_device = [device_model.apply(
+        {"params": ensemble.submodel_params(variables["params"], k)}, x)[1]["tokens"]
+                  for k in range(3)]
+    fused, _ = apply(tokens, None, method="fuse")
+    without, without_aux = apply(tokens, absent, method="fuse")
+    garbage, _ = apply(tokens.at[:, 1].set(123.0), absent, method="fuse")
+    trained, trained_aux = apply(x, True, rngs={"dropout": jax.random.key(3)})
+    return dict(logits=logits, aux=aux, tokens=tokens, per_device=per_device,
+                fused=fused, without=without, without_aux=without_aux,
+                garbage=garbage, trained=trained, trained_aux=trained_aux)
+
+  out = run(variables, x)
+  logits, aux, tokens = out["logits"], out["aux"], out["tokens"]
+  assert logits.shape == (8, 10) and aux["fused_tokens"].shape == (8, 2, 24)
+  assert tokens.shape == (8, 3, 2, 16)
+  for k in range(3):  # Slice k of the stack is a plain ViT: what device k runs.
+    np.testing.assert_allclose(tokens[:, k], out["per_device"][k][:, :2], atol=1e-5)
+  np.testing.assert_allclose(out["fused"], logits, atol=1e-5)
+  np.testing.assert_allclose(logits, (aux["logits_cls"] + aux["logits_dist"]) / 2,
+                             atol=1e-6)
+  assert float(aux["presence"].min()) == 1.0  # No failout outside training.
+  # Failout's substitution: the learned missing token stands in for device 1.
+  np.testing.assert_allclose(out["without"], out["garbage"], atol=1e-6)
   missing = variables["params"]["missing_token"]
-  # Presence 0 for device 1: its tokens are replaced, so its input no longer matters.
-  presence = jnp.ones((8, 3)).at[:, 1].set(0.0)
-  fuse = jax.jit(lambda v, t, p: model.apply(v, t, p, method="fuse"))
-  a, aux = fuse(variables, tokens, presence)
-  b, _ = fuse(variables, tokens.at[:, 1].set(123.0), presence)
-  np.testing.assert_allclose(a, b, atol=1e-6)
-  np.testing.assert_allclose(aux["device_tokens"][:, 1],
-                             jnp.broadcast_to(missing[1], (8, 1, 16)), atol=1e-7)
-  full, _ = fuse(variables, tokens, jnp.ones((8, 3)))
-  assert not np.allclose(a, full)
-  # In training, failout drops devices at random and uses the same substitution.
-  logits, aux = _apply(model, variables, x, train=True,
-                       rngs={"dropout": jax.random.key(3)})
-  presence = np.asarray(aux["presence"])
+  np.testing.assert_allclose(out["without_aux"]["device_tokens"][:, 1],
+                             jnp.broadcast_to(missing[1], (8, 2, 16)), atol=1e-7)
+  assert not np.allclose(out["without"], logits)
+  # In training, failout drops devices at random with the same substitution.
+  presence = np.asarray(out["trained_aux"]["presence"])
   assert 0 < presence.mean() < 1
-  want, _ = fuse(variables, tokens, jnp.asarray(presence))
-  np.testing.assert_allclose(logits, want, atol=1e-5)
-  # Without train, nothing is dropped.
-  _, aux = _apply(model, variables, x)
-  assert float(aux["presence"].min()) == 1.0
+  want = jax.jit(lambda v, t, p: model.apply(v, t, p, method="fuse")[0])(
+      variables, tokens, jnp.asarray(presence))
+  np.testing.assert_allclose(out["trained"], want, atol=1e-5)
 
 
 def test_registered_model_builds_any_n():
@@ -225,15 +216,20 @@ def test_dekd_feature_names_a_width_mismatch():
 
 def test_assemble_stacks_trained_submodels_and_refuses_misfits():
   model = ensemble.DeViTEnsemble(**TINY)
-  params = model.init(jax.random.key(0), _images(1))["params"]
-  subs = [model.submodel(num_classes=4).init(jax.random.key(10 + k), _images(1))
-          ["params"] for k in range(3)]
+  shapes = jax.eval_shape(model.init, jax.random.key(0), _images(1))["params"]
+  rng = np.random.RandomState(0)
+  params, other = (jax.tree_util.tree_map(
+      lambda s: rng.randn(*s.shape).astype(np.float32), shapes) for _ in range(2))
+  # Three "trained" device models: another parameter set's slices, with heads
+  # (which assembly drops, as DeViT drops the sub-models' heads).
+  subs = [dict(ensemble.submodel_params(other, k),
+               head={"kernel": np.zeros((16, 4)), "bias": np.zeros(4)})
+          for k in range(3)]
   stacked = assemble.stack_submodels(params, subs, ["a", "b", "c"])
   for k in range(3):
     np.testing.assert_array_equal(stacked["submodels"]["pos_embed"][k],
                                   subs[k]["pos_embed"])
   np.testing.assert_array_equal(stacked["head"]["kernel"], params["head"]["kernel"])
-  wide = ensemble.DeViTEnsemble(**dict(TINY, embed_dim=32)).submodel().init(
-      jax.random.key(1), _images(1))["params"]
-  with pytest.raises(ValueError, match="Sub-model 'c'.*width"):
+  wide = dict(subs[2], pos_embed=np.zeros((1, 5, 32)))
+  with pytest.raises(ValueError, match="Sub-model 'c'.*pos_embed.*width"):
     assemble.stack_submodels(params, subs[:2] + [wide], ["a", "b", "c"])
