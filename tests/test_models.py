@@ -36,6 +36,18 @@ PINNED_PARAMS = {
     # Routed MobileViTv2 (mixture of experts), a reconstruction: mobilevitv2_moe.py.
     "mobilevitv2_moe_s": 1_375_969,
     "mobilevitv2_moe_xs": 1_203_169,
+    # Segmentation heads (vit_edge/models/segmentation.py; FPN width 64) with a
+    # 1000-class 1x1 classifier: the backbone without its classifier + the head.
+    "fpn_edgevit_xxs": 4_285_176,
+    "fpn_edgevit_xs": 6_906_120,
+    "fpn_mobilevitv2_050": 1_626_465,
+    "fpn_mobilevitv2_100": 4_942_673,
+    "fpn_tformer_s": 8_404_008,
+    "upernet_edgevit_xxs": 4_506_488,
+    "upernet_edgevit_xs": 7_201_160,
+    "upernet_mobilevitv2_050": 1_823_201,
+    "upernet_mobilevitv2_100": 5_336_017,
+    "upernet_tformer_s": 8_797_352,
 }
 
 # The smallest model of each family, for the (slower) behavioural tests.

@@ -85,6 +85,7 @@ import tensorflow_datasets as tfds
 
 from vit_edge import augment
 from vit_edge import digits as digits_lib
+from vit_edge.segmentation import data as seg_data
 
 DEFAULT_CROP_PCT = 0.875
 DIGITS_NUM_TEST = digits_lib.NUM_TEST
@@ -614,6 +615,8 @@ def get_info(config) -> DatasetInfo:
     DatasetInfo(name='digits', num_classes=10, num_train_examples=1437, \
 num_eval_examples=360, label_names=('0', '1', '2', '3', '4', '5', '6', '7', '8', '9'))
   """
+  if seg_data.is_segmentation(config.dataset):  # "seg:...": image + mask pairs.
+    return seg_data.get_info(config)
   source = _get_source(config)
   _, train_sizes = _process_split(source, config.train_split, "train_split", 0, 1)
   _, eval_sizes = _process_split(source, config.eval_split, "eval_split", 0, 1)
@@ -838,6 +841,10 @@ def create_train_iterator(config, *, mean: Sequence[float], std: Sequence[float]
     raise ValueError(f"local_batch_size={local_batch_size} must be >= 1 and "
                      f"start_step={start_step} >= 0; pass config.batch_size // "
                      "process_count and the restored step.")
+  if seg_data.is_segmentation(config.dataset):  # Masks: joint image/mask augmentation.
+    return seg_data.create_train_iterator(
+        config, mean=mean, std=std, local_batch_size=local_batch_size,
+        start_step=start_step, process_index=process_index, process_count=process_count)
   _check_mean_std(mean, std)
   _check_image_size(config)
   _hide_gpus_from_tensorflow()
@@ -940,6 +947,10 @@ def create_eval_iterator(config, *, mean: Sequence[float], std: Sequence[float],
   if local_batch_size < 1:
     raise ValueError(f"local_batch_size={local_batch_size} must be >= 1; pass "
                      "config.eval_batch_size // process_count.")
+  if seg_data.is_segmentation(config.dataset):  # Masks: joint image/mask augmentation.
+    return seg_data.create_eval_iterator(
+        config, mean=mean, std=std, local_batch_size=local_batch_size,
+        process_index=process_index, process_count=process_count)
   _check_mean_std(mean, std)
   _check_image_size(config)
   _hide_gpus_from_tensorflow()

@@ -46,6 +46,7 @@ from vit_edge import objectives
 from vit_edge import optimizer
 from vit_edge import rundir
 from vit_edge import sharding
+from vit_edge.segmentation import metrics as segmentation_metrics
 
 State = dict[str, Any]
 
@@ -171,6 +172,24 @@ def eval_step(state: State, batch: dict[str, jax.Array], *, model: nn.Module,
       top5=topk_correct(logits, labels, min(5, logits.shape[-1])), mask=mask)
 
 
+# config.task -> its eval step (same signature as `eval_step`), built from the data
+# set's DatasetInfo. A task returns metrics that merge over batches and compute to
+# a dict of scalars; the loop, the checkpoints and `evaluate` stay task-agnostic.
+EVAL_TASKS = {
+    "classification": lambda ds_info: eval_step,
+    "segmentation": lambda ds_info: segmentation_metrics.SegmentationEval(
+        ds_info.num_classes, ds_info.label_names).eval_step,
+}
+
+
+def task_eval_step(config: ml_collections.ConfigDict, ds_info: Any):
+  """The eval step of ``config.task`` ("classification" when unset)."""
+  task = config.get("task", "classification")
+  if task not in EVAL_TASKS:
+    raise ValueError(f"config.task={task!r}; expected one of {sorted(EVAL_TASKS)}.")
+  return EVAL_TASKS[task](ds_info)
+
+
 def create_state(rng: jax.Array, *, model: nn.Module, objective: objectives.Objective,
                  tx, image_size: int, ema: bool) -> State:
   """A fresh train state (used under jit with out_shardings: params born sharded)."""
@@ -271,7 +290,8 @@ class Trainer:
     self.eval_shardings = {k: self.state_shardings[k] for k in EVAL_KEYS}
     self.eval_steps = {
         use_ema: jax.jit(
-            functools.partial(eval_step, model=self.model, use_ema=use_ema),
+            functools.partial(task_eval_step(config, self.ds_info), model=self.model,
+                              use_ema=use_ema),
             in_shardings=(self.eval_shardings, batch_sharding),
             out_shardings=replicated)
         for use_ema in (False, True)}

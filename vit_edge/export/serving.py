@@ -185,21 +185,35 @@ def _bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
   return matrix
 
 
-def upsample_bilinear(x, size: int):
-  """[N, h, w, K] -> [N, size, size, K] as two products with constant matrices.
+def resize_bilinear(x, height: int, width: int):
+  """[N, h, w, K] -> [N, height, width, K] as two products with constant matrices.
 
-  Matrix products convert to FULLY_CONNECTED/BATCH_MATMUL ops that XNNPACK runs,
-  unlike the gather-based resize ops.
+  Half-pixel centres, edge-clamped (PyTorch ``align_corners=False``). Matrix
+  products convert to FULLY_CONNECTED/BATCH_MATMUL ops that XNNPACK runs, unlike
+  the gather-based resize ops; segmentation heads use it in training too, so the
+  exported resize is the trained one.
+
+  Example::
+
+      resize_bilinear(jnp.ones((1, 4, 4, 2)), 16, 8).shape  # (1, 16, 8, 2)
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if (x.shape[1], x.shape[2]) == (height, width):
+    return x
+  rows = jnp.asarray(_bilinear_matrix(height, x.shape[1]), x.dtype)
+  cols = jnp.asarray(_bilinear_matrix(width, x.shape[2]), x.dtype)
+  x = jnp.einsum("hi,nijk->nhjk", rows, x)
+  return jnp.einsum("wj,nhjk->nhwk", cols, x)
+
+
+def upsample_bilinear(x, size: int):
+  """[N, h, w, K] -> [N, size, size, K]; see :func:`resize_bilinear`.
 
   Example::
 
       upsample_bilinear(jnp.ones((1, 4, 4, 2)), 16).shape  # (1, 16, 16, 2)
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  rows = jnp.asarray(_bilinear_matrix(size, x.shape[1]))
-  cols = jnp.asarray(_bilinear_matrix(size, x.shape[2]))
-  x = jnp.einsum("hi,nijk->nhjk", rows, x)
-  return jnp.einsum("wj,nhjk->nhwk", cols, x)
+  return resize_bilinear(x, size, size)
 
 
 def dense(image_size: int, source: str = "logits", channels: int = 3

@@ -14,6 +14,7 @@ from vit_edge.models import mobilevitv2_moe  # noqa: F401
 from vit_edge.models import tformer  # noqa: F401
 from vit_edge.models import vit  # noqa: F401
 from vit_edge.devit import ensemble as _devit_ensemble  # noqa: F401,E402  (DeViT)
+from vit_edge.models import segmentation  # noqa: F401  (after the backbones it builds on)
 
 __all__ = ["ModelInfo", "create_model", "get_model_info", "list_models",
            "register_model"]

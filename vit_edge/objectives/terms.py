@@ -277,11 +277,13 @@ class LogitMap(Term):
     return loss, {f"{self.name}_loss": loss}
 
 
+# Dense terms subclass Term, so they are imported once it exists.
+from vit_edge.objectives.dense import PixelCrossEntropy  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from vit_edge.objectives.ensemble import EnsembleTokenMatch  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 TERMS: dict[str, type[Term]] = {
     cls.name: cls for cls in (CrossEntropy, SoftKD, HardToken, Feature, Relation,
-                              LogitMap, EnsembleTokenMatch)}
+                              LogitMap, PixelCrossEntropy, EnsembleTokenMatch)}
 
 # Mixture-of-experts balance losses (moe_importance, moe_load, moe_switch, moe_z):
 # their module subclasses Term, so it is imported once Term exists.
