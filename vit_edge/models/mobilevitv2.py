@@ -127,11 +127,14 @@ class InvertedResidual(nn.Module):
   expand_ratio: float = 2.0
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  # Hidden channels kept by structured pruning (vit_edge.compress); None = default.
+  hidden_features: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     in_features = x.shape[-1]
-    hidden = layers.make_divisible(in_features * self.expand_ratio)
+    hidden = (self.hidden_features
+              or layers.make_divisible(in_features * self.expand_ratio))
     shortcut = x
     x = ConvNormAct(hidden, 1, dtype=self.dtype, name="conv1_1x1")(x, train)
     x = ConvNormAct(hidden, 3, stride=self.stride, groups=hidden, dtype=self.dtype,
