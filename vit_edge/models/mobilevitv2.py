@@ -207,6 +207,8 @@ class LinearTransformerBlock(nn.Module):
   ffn: FfnFactory = DEFAULT_FFN
   return_ffn_aux: bool = False
   dtype: Dtype = jnp.float32
+  # FFN hidden width kept by structured pruning; None = int(d * mlp_ratio).
+  mlp_hidden: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> Any:
@@ -216,8 +218,8 @@ class LinearTransformerBlock(nn.Module):
     drop_path = layers.DropPath(self.drop_path_rate)
     y = LinearSelfAttention(dtype=self.dtype, name="attn")(norm(name="norm1")(x))
     x = x + drop_path(y, deterministic=not train)
-    mlp = self.ffn(hidden_features=int(dim * self.mlp_ratio), dtype=self.dtype,
-                   name="mlp")
+    mlp = self.ffn(hidden_features=self.mlp_hidden or int(dim * self.mlp_ratio),
+                   dtype=self.dtype, name="mlp")
     y = mlp(norm(name="norm2")(x), deterministic=not train)
     ffn_aux = {}
     if isinstance(y, tuple):  # An FFN with intermediates (a mixture of experts).
