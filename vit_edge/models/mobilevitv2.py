@@ -310,6 +310,9 @@ class MobileViTv2Block(nn.Module):
   ffns: Optional[Sequence[Optional[FfnFactory]]] = None
   return_ffn_aux: bool = False
   dtype: Dtype = jnp.float32
+  # Per transformer layer, the FFN hidden width kept by structured pruning
+  # (None entries / None = int(d * mlp_ratio)).
+  mlp_hiddens: Optional[Sequence[Optional[int]]] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> Any:
@@ -331,6 +334,7 @@ class MobileViTv2Block(nn.Module):
       x, layer_aux = LinearTransformerBlock(
           mlp_ratio=self.mlp_ratio, drop_path_rate=self.drop_path_rate,
           ffn=ffn or DEFAULT_FFN, return_ffn_aux=True, dtype=self.dtype,
+          mlp_hidden=self.mlp_hiddens[i] if self.mlp_hiddens else None,
           name=f"transformer_{i}")(x, train)
       ffn_aux.update({f"layer{i}/{k}": v for k, v in layer_aux.items()})
     x = nn.GroupNorm(num_groups=1, epsilon=1e-5, use_fast_variance=False,
