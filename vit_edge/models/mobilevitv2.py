@@ -391,6 +391,10 @@ class MobileViTv2(nn.Module):
   dropout_rate: float = 0.0
   ffn_for_layer: Optional[Callable[[int, int], Optional[FfnFactory]]] = None
   dtype: Dtype = jnp.float32
+  # Units kept by structured pruning (vit_edge.compress), by module path:
+  # "stages_1_0" -> inverted-residual hidden channels, "stages_2_1/transformer_0/mlp"
+  # -> FFN hidden units. None (default) / unlisted = the size's widths.
+  unit_widths: Optional[Mapping[str, int]] = None
 
   def layer_ffn(self, stage: int, layer: int) -> Optional[FfnFactory]:
     """The FFN factory of one transformer layer (None: the default ConvMlp).
@@ -413,18 +417,23 @@ class MobileViTv2(nn.Module):
     x = ConvNormAct(stem_ch, 3, stride=2, dtype=self.dtype, name="stem")(x, train)
     aux["stem"] = x
     for s in range(5):
+      widths = self.unit_widths or {}
       x = InvertedResidual(outs[s], stride=1 if s == 0 else 2,
                            drop_path_rate=dpr[s][0], dtype=self.dtype,
+                           hidden_features=widths.get(f"stages_{s}_0"),
                            name=f"stages_{s}_0")(x, train)
       if s == 1:
         x = InvertedResidual(outs[s], drop_path_rate=dpr[s][1], dtype=self.dtype,
+                             hidden_features=widths.get(f"stages_{s}_1"),
                              name=f"stages_{s}_1")(x, train)
       elif s >= 2:
         depth = _TRANSFORMER_DEPTHS[s - 2]
         ffns = tuple(self.layer_ffn(s + 1, i) for i in range(depth))
         x, ffn_aux = MobileViTv2Block(
             outs[s], attn[s - 2], depth, drop_path_rate=dpr[s][1], ffns=ffns,
-            return_ffn_aux=True, dtype=self.dtype, name=f"stages_{s}_1")(x, train)
+            return_ffn_aux=True, dtype=self.dtype, name=f"stages_{s}_1",
+            mlp_hiddens=tuple(widths.get(f"stages_{s}_1/transformer_{i}/mlp")
+                              for i in range(depth)))(x, train)
         aux.update({f"stage{s + 1}_{k}": v for k, v in ffn_aux.items()})
       aux[f"stage{s + 1}"] = x
     x = jnp.mean(x, axis=(1, 2))
