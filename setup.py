@@ -24,6 +24,10 @@ INSTALL_REQUIRES = [
     # vit_edge.tools.import_torch reads PyTorch weights from .safetensors without
     # torch (not a dependency); 0.8.0 ships wheels for Python 3.11.
     "safetensors==0.8.0",
+    # The DeViT device runtime (vit_edge.runtime.worker / collab) talks gRPC; pinned
+    # to the version tensorflow-cpu 2.21 already installs on Python 3.11 (aarch64
+    # wheels exist for the boards).
+    "grpcio==1.85.3",
 ]
 
 EXTRAS_REQUIRE = {

@@ -17,7 +17,8 @@ Arguments (comma-separated ``key=value``; big_vision style):
 ``width`` / ``depth`` / ``heads`` of the sub-models (DeiT-Ti: 192 / 12 / 3),
 ``distilled`` (1: DeDeiT sub-models with a distillation token), ``failout``
 (ensemble drop probability per device, default 0.25), ``root`` (default
-workdir/devit).
+workdir/devit), ``teacher_depth`` (blocks of the teacher and sub-teachers; default
+the registered model's, e.g. 12; fewer for quick runs).
 
 Example::
 
@@ -36,7 +37,7 @@ from vit_edge.devit import decompose
 
 _DEFAULTS = {"n": "2", "k": "", "classes": "10", "teacher": "deit_small_patch16",
              "width": "192", "depth": "12", "heads": "3", "distilled": "0",
-             "failout": "0.25", "root": "workdir/devit"}
+             "failout": "0.25", "root": "workdir/devit", "teacher_depth": ""}
 
 
 def parse_arg(arg: str | None) -> dict[str, Any]:
@@ -86,17 +87,24 @@ def _devit_fields(c: ml_collections.ConfigDict, options: dict[str, Any]) -> None
       "submodel_workdirs": dirs["submodels"]})
 
 
+def _teacher_base(options: dict[str, Any]) -> ml_collections.ConfigDict:
+  c = recipes.get_config(options["teacher"], "fashion")
+  if options["teacher_depth"]:
+    with c.unlocked():
+      c.model_overrides.depth = int(options["teacher_depth"])
+  return c
+
+
 def teacher_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The large model on every class (the DEKD ensemble's teacher)."""
-  options = parse_arg(arg)
-  return recipes.get_config(options["teacher"], "fashion")
+  return _teacher_base(parse_arg(arg))
 
 
 def sub_teacher_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The large model fine-tuned on class subset k, from the full-data teacher."""
   options = parse_arg(arg)
   k = _device(options)
-  c = recipes.get_config(options["teacher"], "fashion")
+  c = _teacher_base(options)
   with c.unlocked():
     c.class_subset = tuple(options["subsets"][k])
     c.init_from = run_dirs(options)["teacher"]
