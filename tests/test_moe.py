@@ -21,13 +21,15 @@ from vit_edge.models import mobilevitv2 as mv2
 from vit_edge.models import mobilevitv2_moe
 from vit_edge.models import moe
 from vit_edge.objectives import balance
+from vit_edge.tools import routing_map
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 RNG = np.random.default_rng(0)
-# A routed MobileViTv2 small enough for tests: width 0.25, experts in stages 4-5.
-TINY_ROUTED = {"width_multiplier": 0.25}
+# A routed MobileViTv2 small enough for tests: width 0.25, experts in the first
+# layer of stages 4 and 5 (fewer layers to compile).
+TINY_ROUTED = {"width_multiplier": 0.25, "moe_layers": ((4, 0), (5, 0))}
 
 
 def _numpy_route(probs, k, capacity):
@@ -220,8 +222,7 @@ def test_balance_terms_sum_layers_with_weights_and_log_routing():
   (logits, aux), _ = jax.jit(functools.partial(
       model.apply, train=True, mutable=["batch_stats"]))(
           variables, x, rngs={"dropout": jax.random.key(1)})
-  assert moe.routed_layers(aux) == [f"stage4_layer{i}" for i in range(4)] + [
-      f"stage5_layer{i}" for i in range(3)]
+  assert moe.routed_layers(aux) == ["stage4_layer0", "stage5_layer0"]
   config = objectives.default_config()
   config.objective.name = "cross_entropy+moe_importance+moe_load+moe_switch+moe_z"
   config.objective.moe = balance.default_config()
@@ -318,3 +319,25 @@ def test_routed_model_exports_through_the_parity_guard(quantize, tmp_path):
     assert report.max_abs_logit_diff <= report.tolerance
   else:
     assert report.parity_top1_agreement >= 0.5
+
+
+def test_routing_map_lays_tokens_back_on_the_feature_map(tmp_path):
+  # 4x4 feature map, 2x2 patches: token [p, n] is pixel p of patch n.
+  h = w = 4
+  token_ids = jnp.arange(16).reshape(1, 4, 4, 1)  # [B, P, N, 1] -> expert = id % 4
+  pixel_of_token = np.asarray(mv2.fold_patches(token_ids, 2, h, w))[0, ..., 0]
+  expert = (np.arange(16) % 4).reshape(1, 16, 1)
+  kept = np.ones((1, 16, 1), np.float32)
+  kept[0, 5] = 0.0  # token 5 dropped
+  aux = {"stage4": np.zeros((1, h, w, 8)),
+         "stage4_layer0/moe_expert": expert, "stage4_layer0/moe_kept": kept,
+         "stage4_layer0/moe_router_logits": np.zeros((1, 16, 4)),
+         "stage4_layer0/moe_expert_load": np.array([[4, 3, 4, 4]])}
+  maps = routing_map.expert_maps(aux, "stage4_layer0")
+  expected = np.where(pixel_of_token == 5, -1, pixel_of_token % 4)
+  np.testing.assert_array_equal(maps[0], expected)
+  fig = routing_map.routing_figure(np.zeros((1, 8, 8, 3)), aux, num_experts=4)
+  fig.savefig(tmp_path / "routing.png")
+  assert (tmp_path / "routing.png").stat().st_size > 0
+  with pytest.raises(ValueError, match="stage5_layer0"):
+    routing_map.routing_figure(np.zeros((1, 8, 8, 3)), aux, 4, ["stage5_layer0"])

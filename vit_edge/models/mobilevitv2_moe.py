@@ -35,7 +35,11 @@ Example::
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+import re
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
 
 from vit_edge.models import mobilevitv2
 from vit_edge.models import moe
@@ -101,3 +105,38 @@ def mobilevitv2_moe_xs(**kwargs) -> RoutedMobileViTv2:
   return registry.build(RoutedMobileViTv2, dict(
       width_multiplier=0.5, moe_layers=_LATE_LAYERS, num_experts=4,
       num_selected=2, expert_hidden_ratio=0.125), kwargs)
+
+
+def routed_complexity(model: RoutedMobileViTv2, image_size: int) -> dict[str, Any]:
+  """Per routed layer and in total: the MACs computed and the MACs tokens use.
+
+  The MACs a graph computes include every expert slot (capacity C at the eval
+  capacity factor, filled or not) and the dispatch products; the MACs a token uses
+  are its router and its K experts (:func:`moe.layer_macs`). Returns
+  ``{"layers": {name: (computed, used, tokens, capacity)}, "computed": int,
+  "used": int, "idle_expert_params": int}``, the last being the expert
+  parameters a token does not use (E - K experts of each routed layer). Example::
+
+      routed_complexity(create_model("mobilevitv2_moe_xs"), 256)["used"]
+  """
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  _, aux = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+  params = variables["params"]
+  out: dict[str, Any] = {"layers": {}, "computed": 0, "used": 0,
+                         "idle_expert_params": 0}
+  for layer in moe.routed_layers(aux):
+    stage, index = re.fullmatch(r"stage(\d+)_layer(\d+)", layer).groups()
+    ffn = params[f"stages_{int(stage) - 1}_1"][f"transformer_{index}"]["mlp"]
+    num_experts, dim, hidden = ffn["wi"].shape
+    _, tokens, selected = aux[f"{layer}/moe_expert"].shape
+    capacity = moe.expert_capacity(tokens, num_experts, selected,
+                                   model.capacity_factor_eval)
+    computed, used = moe.layer_macs(tokens, dim, hidden, num_experts, selected,
+                                    capacity)
+    out["layers"][layer] = (computed, used, tokens, capacity)
+    out["computed"] += computed
+    out["used"] += used
+    out["idle_expert_params"] += (num_experts - selected) * (2 * dim * hidden
+                                                             + hidden + dim)
+  return out

@@ -18,6 +18,7 @@ from absl import flags
 
 from vit_edge import complexity
 from vit_edge import models
+from vit_edge.models import mobilevitv2_moe
 
 _MODEL = flags.DEFINE_string("model", None, "Registered model name (see list_models).")
 _IMAGE_SIZE = flags.DEFINE_integer(
@@ -43,10 +44,25 @@ def summarize(name: str, image_size: int | None = None,
       f"MACs:         {stats.macs / 1e9:.3f} G (convolutions and matmuls)",
       f"XLA FLOPs:    {stats.xla_flops / 1e9:.3f} G "
       f"(/2 = {stats.xla_flops / 2e9:.3f} G; includes elementwise ops)",
-      "outputs:",
   ]
+  if isinstance(model, mobilevitv2_moe.RoutedMobileViTv2):
+    # A routed model computes every expert slot but a token uses K experts.
+    routed = mobilevitv2_moe.routed_complexity(model, image_size)
+    used = stats.macs - routed["computed"] + routed["used"]
+    lines += [
+        f"params/token: {stats.params - routed['idle_expert_params']:,} (router "
+        f"and the {model.num_selected} chosen of {model.num_experts} experts)",
+        f"MACs used:    {used / 1e9:.3f} G by the tokens (the MACs above include "
+        f"empty expert slots at capacity factor {model.capacity_factor_eval} and "
+        "the dispatch)",
+    ]
+    for layer, (computed, layer_used, tokens, capacity) in routed["layers"].items():
+      lines.append(f"  {layer:<14}{tokens} tokens, capacity {capacity}: "
+                   f"{computed / 1e6:.2f} M MACs computed, {layer_used / 1e6:.2f} M used")
+  lines.append("outputs:")
   for key, shape in stats.aux_shapes.items():
-    lines.append(f"  {key:<12}{shape}")
+    if "/moe_" not in key:  # Per-layer routing tensors: see the lines above.
+      lines.append(f"  {key:<12}{shape}")
   lines.append(f"  {'logits':<12}{stats.logits_shape}")
   return "\n".join(lines)
 
