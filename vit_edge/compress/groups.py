@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from vit_edge.models import edgevit
+from vit_edge.models import mobilevitv2
 from vit_edge.models import tformer
 from vit_edge.models import vit
 
@@ -46,12 +47,15 @@ class Member:
     channels: kept units -> indices along `axis`, in the pruned model's layout.
     consumer: True for the consumer's input rows (``proj`` / ``fc2`` kernel):
       zeroing them zeroes the units' outputs.
+    collection: "params", or "batch_stats" for BatchNorm running statistics
+      (sliced with the weights, not scored).
   """
 
   path: tuple[str, ...]
   axis: int
   channels: ChannelMap
   consumer: bool = False
+  collection: str = "params"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +83,11 @@ class Group:
   consumer_channels: ChannelMap
   width: Callable[[int], int]
   unit_name: str
+
+  @property
+  def weights(self) -> tuple[Member, ...]:
+    """The members in ``params`` (what importance scores read)."""
+    return tuple(m for m in self.members if m.collection == "params")
 
 
 def _get(tree: Any, path: Sequence[str]) -> Any:
@@ -165,6 +174,47 @@ def pcs_ffn_group(params: Any, key: str, mlp: tuple[str, ...], groups: int) -> G
       f"shuffle unit ({g * g} channels)")
 
 
+def inverted_residual_group(params: Any, key: str, block: tuple[str, ...]) -> Group:
+  """Hidden channels of a MobileNetV2 inverted residual (expand, depthwise, project).
+
+  A channel owns the expand conv's output column, both BatchNorms' entries (scale,
+  bias and running statistics) and the depthwise filter, and the project conv's
+  input row.
+  """
+  hidden = _get(params, block + ("conv1_1x1", "conv", "kernel")).shape[3]
+  one = _range_map(1)
+  members = [Member(block + ("conv1_1x1", "conv", "kernel"), 3, one),
+             Member(block + ("conv2_kxk", "conv", "kernel"), 3, one),
+             Member(block + ("conv3_1x1", "conv", "kernel"), 2, one, True)]
+  for conv in ("conv1_1x1", "conv2_kxk"):
+    members += [Member(block + (conv, "bn", leaf), 0, one) for leaf in ("scale", "bias")]
+    members += [Member(block + (conv, "bn", leaf), 0, one, collection="batch_stats")
+                for leaf in ("mean", "var")]
+  return Group(key, "hidden", hidden, tuple(members),
+               "/".join(block + ("conv3_1x1", "conv")), one, lambda k: k,
+               "hidden channel")
+
+
+def mobilevitv2_groups(model: Any, params: Any) -> list[Group]:
+  """MobileViTv2: inverted-residual hidden channels and transformer FFN hidden units.
+
+  The separable attention's width d is the transformer's residual width (normed as
+  a whole by GroupNorm), so it is not a removable unit here.
+  """
+  out = []
+  for name in sorted(params):
+    if not name.startswith("stages_"):
+      continue
+    block = params[name]
+    if "conv1_1x1" in block:
+      out.append(inverted_residual_group(params, name, (name,)))
+    for layer in sorted(k for k in block if k.startswith("transformer_")):
+      mlp = block[layer].get("mlp", {})
+      if "fc1" in mlp and "fc2" in mlp:  # The dense FFN (not a mixture of experts).
+        out.append(dense_mlp_group(params, f"{name}/{layer}/mlp", (name, layer, "mlp")))
+  return out
+
+
 def vit_groups(model: vit.VisionTransformer, params: Any) -> list[Group]:
   """Heads and MLP hidden units of every ViT / DeiT block."""
   head_dim = model.embed_dim // model.num_heads
@@ -216,6 +266,7 @@ GROUP_FINDERS = {
     vit.VisionTransformer: vit_groups,
     edgevit.EdgeViT: edgevit_groups,
     tformer.TFormer: tformer_groups,
+    mobilevitv2.MobileViTv2: mobilevitv2_groups,
 }
 
 
@@ -230,5 +281,4 @@ def find_groups(model: Any, params: Any) -> list[Group]:
       return finder(model, params)
   raise NotImplementedError(
       f"Structured pruning has no coupled groups for {type(model).__name__}; "
-      f"supported: {', '.join(c.__name__ for c in GROUP_FINDERS)} (MobileViTv2 is "
-      "not done yet).")
+      f"supported: {', '.join(c.__name__ for c in GROUP_FINDERS)}.")

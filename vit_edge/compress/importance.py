@@ -50,7 +50,7 @@ def _per_channel(x: np.ndarray, axis: int) -> np.ndarray:
 def _unit_sums(group: groups_lib.Group, tensors: Sequence[np.ndarray]) -> np.ndarray:
   """Sum over each unit's channels of every member (tensors: per member, per channel)."""
   out = np.zeros(group.num_units, np.float64)
-  for member, per_channel in zip(group.members, tensors):
+  for member, per_channel in zip(group.weights, tensors):
     for u in range(group.num_units):
       out[u] += per_channel[member.channels([u])].sum()
   return out
@@ -66,7 +66,7 @@ def l2_scores(params: Any, groups: Sequence[groups_lib.Group]) -> dict[str, np.n
   """L2 norm of each unit's weights."""
   out = {}
   for g in groups:
-    sq = [_per_channel(_leaf(params, m.path) ** 2, m.axis) for m in g.members]
+    sq = [_per_channel(_leaf(params, m.path) ** 2, m.axis) for m in g.weights]
     out[g.key] = np.sqrt(_unit_sums(g, sq))
   return out
 
@@ -90,7 +90,7 @@ def taylor_scores(model: nn.Module, variables: Any, groups: Sequence[groups_lib.
     grads = grad_fn(params, batch["image"], batch["label"])
     for g in groups:
       terms = [_per_channel(np.abs(_leaf(params, m.path) * _leaf(grads, m.path)), m.axis)
-               for m in g.members]
+               for m in g.weights]
       out[g.key] += _unit_sums(g, terms)
     seen += 1
   if not seen:

@@ -147,13 +147,18 @@ def _take(tree: Any, member: groups_lib.Member, indices: np.ndarray) -> Any:
 
 
 def slice_params(params: Any, groups: Sequence[groups_lib.Group],
-                 keep: Mapping[str, np.ndarray]) -> Any:
-  """The parameter tree with only the kept units' slices (the pruned model's layout)."""
+                 keep: Mapping[str, np.ndarray], collection: str = "params") -> Any:
+  """The tree with only the kept units' slices (the pruned model's layout).
+
+  `collection` names what `params` is: "params" (also for EMA parameters) or
+  "batch_stats" (BatchNorm running statistics of pruned channels).
+  """
   params = jax.tree_util.tree_map(np.asarray, params)
   for g in groups:
     units = [int(u) for u in keep[g.key]]
     for m in g.members:
-      params = _take(params, m, m.channels(units))
+      if m.collection == collection:
+        params = _take(params, m, m.channels(units))
   return params
 
 
@@ -254,7 +259,8 @@ def prune_run(workdir: str, out: str, *, importance_method: str, ratios: Ratios,
   if state.get("ema_params"):
     new_state["ema_params"] = slice_params(state["ema_params"], groups, keep)
   if state.get("batch_stats"):
-    new_state["batch_stats"] = jax.tree_util.tree_map(np.asarray, state["batch_stats"])
+    new_state["batch_stats"] = slice_params(state["batch_stats"], groups, keep,
+                                            "batch_stats")
   _check_same_shapes(fresh, new_state, out)
   trainer.checkpoints.save(int(state["step"]), new_state, metrics=None)
   trainer.checkpoints.wait()
