@@ -282,3 +282,40 @@ def test_training_reports_miou_and_dice_per_class(trained_run):
   assert 0.0 <= results["eval/miou"] <= results["eval/mdice"] <= 1.0
   again = train.evaluate(config, workdir)
   assert again["eval/miou"] == pytest.approx(results["eval/miou"], abs=1e-6)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_export_serves_logits_and_class_map_and_segment_draws_them(trained_run, quantize,
+                                                                   tmp_path, capsys):
+  from vit_edge import export  # pylint: disable=g-import-not-at-top
+  from vit_edge.runtime import metadata as metadata_lib  # pylint: disable=g-import-not-at-top
+  from vit_edge.runtime import segment  # pylint: disable=g-import-not-at-top
+  _, workdir, _ = trained_run
+  path = str(tmp_path / f"seg_{quantize}.tflite")
+  report = export.export_from_workdir(workdir, path, quantize=quantize,
+                                      num_calibration_samples=4, num_parity_samples=2)
+  assert set(report.outputs) == {"dense_logits", "class_map"}
+  # Pixel agreement of the argmax maps, checked against the class_map output.
+  assert report.parity_top1_agreement >= (0.999 if quantize == "none" else 0.8)
+  assert report.outputs["class_map"]["agreement"] >= (
+      0.999 if quantize == "none" else 0.8)
+  meta = metadata_lib.read_metadata(path)
+  assert metadata_lib.output_kinds(meta) == {"dense_logits": "dense_logits",
+                                             "class_map": "class_map"}
+  if quantize == "int8":
+    return
+  # The command: a 40x24 image (not the model's size) and its overlay with legend.
+  image_path = tmp_path / "scene.png"
+  Image.fromarray(_blocky_pair(np.random.default_rng(3), 48)[0][:24, :40]).save(
+      image_path)
+  out = tmp_path / "overlay.png"
+  shares = segment.main([path, str(image_path), "--out", str(out), "--threads", "1"])
+  assert sum(shares.values()) == pytest.approx(1.0)
+  assert set(shares) <= {"a", "b", "c", "d"}
+  printed = capsys.readouterr().out
+  assert str(out) in printed and "%" in printed
+  with Image.open(out) as overlay:
+    assert overlay.width == 220 and overlay.height == 24 + 18 * len(shares) + 4
+  class_map = segment.Segmenter(path).segment(str(image_path))
+  assert class_map.shape == (24, 40)
+  assert segment.run([str(image_path), str(image_path), "--out", str(out)]) == 1

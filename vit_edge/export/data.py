@@ -25,6 +25,8 @@ def calibration_config(config, num_samples: int):
     calib.aug.hflip = False
     calib.aug.randaugment = ""
     calib.aug.random_erasing = 0.0
+    calib.aug.scale_range = (1.0, 1.0)  # Segmentation: no random scale / colour.
+    calib.aug.color_jitter = 0.0
     calib.shuffle_buffer = max(int(calib.get("shuffle_buffer", 0) or 0), num_samples)
     calib.cache = False
   return calib

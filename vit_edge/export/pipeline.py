@@ -254,6 +254,8 @@ def export_from_workdir(workdir: str, out: str, *, step: Optional[int] = None,
     config = data.resized_config(config, image_size)
   model = train.build_model(data.float32_config(config), info["num_classes"])
   mean, std = info["mean"], info["std"]
+  if serving is None and config.get("task") == "segmentation":
+    serving = serving_lib.dense(int(config.image_size))
   eval_batches = input_pipeline.create_eval_iterator(
       config, mean=mean, std=std, local_batch_size=min(64, config.eval_batch_size))
   aug = config.get("aug") or {}
@@ -347,6 +349,8 @@ def export_from_registry(name: str, out: str, *, image_size: Optional[int] = Non
     overrides.setdefault("image_size", size)
   model = models.create_model(name, num_classes=num_classes, **overrides)
   variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
+  if serving is None and info.family == "segmentation":
+    serving = serving_lib.dense(size)
   crop_pct, interpolation = input_pipeline.DEFAULT_CROP_PCT, "bilinear"
   eval_batches, representative = None, None
   if calibration == "digits":

@@ -113,7 +113,8 @@ class ExportReport:
              f"{self.max_abs_logit_diff:.3g} (max |logit| {self.max_abs_logit:.3g}"
              + (f", tolerance {self.tolerance:.3g}" if self.tolerance is not None
                 else ", quantised: no tolerance") +
-             f"), top-1 agreement {self.parity_top1_agreement:.1%}."]
+             f"), {'pixel' if 'dense_logits' in self.outputs else 'top-1'} "
+             f"agreement {self.parity_top1_agreement:.1%}."]
     others = {k: v for k, v in self.outputs.items() if k not in ("logits", "probs")}
     if others:
       lines.append("Outputs: " + "; ".join(
@@ -195,7 +196,7 @@ def check_parity(tflite_model: bytes,
   primary = next((n for n, k in kinds.items() if k == "logits"), None) or next(
       n for n, k in kinds.items() if k in serving_lib.FLOAT_KINDS)
   agreement = 1.0
-  if kinds.get(primary) == "logits":
+  if kinds.get(primary) in ("logits", "dense_logits"):  # Dense: pixel agreement.
     agreement = float(np.mean(np.asarray(got[primary]).argmax(-1)
                               == np.asarray(expected[primary]).argmax(-1)))
   stats = outputs[primary]

@@ -271,11 +271,14 @@ class SegmentationModel(nn.Module):
     if self.head not in HEADS:
       raise ValueError(f"head={self.head!r}; expected one of {HEADS}.")
     layers.check_divisible_resolution(x, info.stride, f"{self.head}_{self.backbone}")
+    # Built unbound (parent=None) so that its export form, a clone, can be taken
+    # before it is bound here as "backbone": the same parameters either way.
     backbone = info.builder(num_classes=0, drop_path_rate=self.drop_path_rate,
-                            dtype=self.dtype, name="backbone",
+                            dtype=self.dtype, parent=None,
                             **dict(self.backbone_overrides))
     if self.backbone_export_form and hasattr(backbone, "export_form"):
       backbone = backbone.export_form()
+    backbone = backbone.clone(parent=self, name="backbone")
     _, aux = backbone(x, train=train)
     levels = [aux[k] for k in PYRAMID_KEYS[info.family]]
     if self.head == "fpn":
