@@ -45,6 +45,9 @@ _BASE_PORT = flags.DEFINE_integer("base_port", 50300, "First worker port.")
 _LATENCY = flags.DEFINE_bool("latency", True, "Run the latency/traffic table.")
 _ENSEMBLES = flags.DEFINE_list("ensembles", [],
                                "NAME=WORKDIR of trained ensembles (robustness).")
+_REUSE = flags.DEFINE_bool("reuse_exports", True,
+                           "Reuse the files of an earlier run in --out_dir (same "
+                           "flags) instead of exporting again.")
 _MAX_EVAL = flags.DEFINE_integer("max_eval_examples", 2000,
                                  "Eval images for the robustness table (0: all).")
 
@@ -132,13 +135,16 @@ def latency_table() -> None:
   crop = np.random.RandomState(1).randint(0, 256, (size, size, 3), np.uint8)
   rows = []
   teacher_path = os.path.join(_OUT_DIR.value, "teacher.tflite")
-  _export_teacher(teacher_path)
+  if not (_REUSE.value and os.path.exists(teacher_path)):
+    _export_teacher(teacher_path)
   t = _teacher_bench(teacher_path, _BASE_PORT.value, crop)
   rows.append((f"{_TEACHER.value} (one file, one worker)", 1, t["p50_ms"],
                t["p95_ms"], t["bytes_out"], t["bytes_in"], 0))
   for n in (int(x) for x in _NUM_DEVICES.value):
     out_dir = os.path.join(_OUT_DIR.value, f"n{n}")
-    manifest = _export_ensemble(n, out_dir)
+    manifest = os.path.join(out_dir, "manifest.json")
+    if not (_REUSE.value and os.path.exists(manifest)):
+      manifest = _export_ensemble(n, out_dir)
     ports = [_BASE_PORT.value + 1 + n * 10 + k for k in range(n)]
     processes = [_start_worker(os.path.join(out_dir, f"sub_{k}.tflite"), p)
                  for k, p in enumerate(ports)]
