@@ -48,6 +48,9 @@ _ENSEMBLES = flags.DEFINE_list("ensembles", [],
 _REUSE = flags.DEFINE_bool("reuse_exports", True,
                            "Reuse the files of an earlier run in --out_dir (same "
                            "flags) instead of exporting again.")
+_RECONNECT_TRIALS = flags.DEFINE_integer(
+    "reconnect_trials", 0, "Kill and restart device 1 of the N=2 export this many "
+    "times; print how soon after it listens again the coordinator uses it.")
 _MAX_EVAL = flags.DEFINE_integer("max_eval_examples", 2000,
                                  "Eval images for the robustness table (0: all).")
 
@@ -170,6 +173,41 @@ def latency_table() -> None:
     print(f"| {name} | {n} | {p50:.2f} | {p95:.2f} | {out} | {inn} | {degraded} |")
 
 
+def reconnect_table() -> None:
+  """Seconds from a restarted worker's 'listening' line to the first answer using it."""
+  from vit_edge.runtime import collab as collab_lib  # pylint: disable=g-import-not-at-top
+  out_dir = os.path.join(_OUT_DIR.value, "n2")
+  ports = [_BASE_PORT.value + 90, _BASE_PORT.value + 91]
+  model = lambda k: os.path.join(out_dir, f"sub_{k}.tflite")
+  processes = [_start_worker(model(k), p) for k, p in enumerate(ports)]
+  collab = collab_lib.Collaboration(os.path.join(out_dir, "manifest.json"),
+                                    [f"127.0.0.1:{p}" for p in ports],
+                                    deadline_s=_DEADLINE_MS.value / 1e3)
+  crop = np.zeros((_IMAGE_SIZE.value,) * 2 + (3,), np.uint8)
+  gaps = []
+  try:
+    for _ in range(_RECONNECT_TRIALS.value):
+      processes[1].kill()
+      processes[1].wait()
+      for _ in range(20):  # The channel notices and backs off.
+        collab.classify_crop(crop)
+        time.sleep(0.05)
+      processes[1] = _start_worker(model(1), ports[1])
+      start = time.perf_counter()
+      for _ in range(3000):  # Polls every 10 ms, at most ~30 s.
+        if not collab.classify_crop(crop).missing:
+          break
+        time.sleep(0.01)
+      gaps.append(time.perf_counter() - start)
+  finally:
+    collab.close()
+    for p in processes:
+      p.kill()
+      p.wait()
+  print("\nRestarted worker used again after (s): "
+        + ", ".join(f"{g:.2f}" for g in gaps))
+
+
 def robustness_table() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -215,6 +253,8 @@ def main(argv):
   del argv
   if _LATENCY.value:
     latency_table()
+  if _RECONNECT_TRIALS.value:
+    reconnect_table()
   if _ENSEMBLES.value:
     robustness_table()
 
