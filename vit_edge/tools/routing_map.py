@@ -18,25 +18,16 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
+import sys
 from typing import Any, Optional, Sequence
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vit_edge.models import mobilevitv2
 from vit_edge.models import moe
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run of a routed model.")
-_MODEL = flags.DEFINE_string("model", None, "Or a registry name (random init).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", None,
-                                   "Input size (--model; default 64).")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 4, "Eval images to show.")
-_LAYERS = flags.DEFINE_list("layers", [], "Routed layers to show (default: all), "
-                            "e.g. stage5_layer0,stage5_layer2.")
-_OUT = flags.DEFINE_string("out", "routing.png", "Output PNG path.")
 
 PATCH_SIZE = 2  # MobileViTv2's unfold: token [p, n] is pixel p of 2x2 patch n.
 
@@ -128,42 +119,54 @@ def routing_picture(model, variables, images: np.ndarray, out: str,
   return aux
 
 
-def _model_and_images(num_images: int):
+def _model_and_images(args: argparse.Namespace):
   from vit_edge import input_pipeline  # pylint: disable=g-import-not-at-top
   from vit_edge import models  # pylint: disable=g-import-not-at-top
   from vit_edge import train  # pylint: disable=g-import-not-at-top
   from vit_edge.export import data  # pylint: disable=g-import-not-at-top
 
-  if _WORKDIR.value:
-    model, variables, config, info = train.load_trained_model(_WORKDIR.value)
+  batch = max(args.num_images, 8)
+  if args.workdir:
+    model, variables, config, info = train.load_trained_model(args.workdir)
     batches = input_pipeline.create_eval_iterator(
-        config, mean=info["mean"], std=info["std"],
-        local_batch_size=max(num_images, 8))
+        config, mean=info["mean"], std=info["std"], local_batch_size=batch)
   else:
-    info = models.get_model_info(_MODEL.value)
-    size = _IMAGE_SIZE.value or 64
-    model = models.create_model(_MODEL.value, num_classes=10)
+    info = models.get_model_info(args.model)
+    size = args.image_size
+    model = models.create_model(args.model, num_classes=10)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
     config = data.digits_config(size, input_pipeline.DEFAULT_CROP_PCT, "bilinear")
     batches = input_pipeline.create_eval_iterator(
-        config, mean=info.mean, std=info.std, local_batch_size=max(num_images, 8))
-  return model, variables, data.first_images(batches, num_images)
+        config, mean=info.mean, std=info.std, local_batch_size=batch)
+  return model, variables, data.first_images(batches, args.num_images)
 
 
-def main(argv):
-  del argv
-  if bool(_WORKDIR.value) == bool(_MODEL.value):
-    raise app.UsageError("Give exactly one of --workdir (a trained run) or --model "
-                         "(a registry name, e.g. mobilevitv2_moe_xs).")
-  model, variables, images = _model_and_images(_NUM_IMAGES.value)
-  aux = routing_picture(model, variables, images, _OUT.value, _LAYERS.value or None)
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="A training run of a routed model.")
+  source.add_argument("--model", help="Or a registry name (random init), e.g. "
+                      "mobilevitv2_moe_xs.")
+  parser.add_argument("--image_size", type=int, default=64,
+                      help="Input size with --model (a multiple of 32).")
+  parser.add_argument("--num_images", type=int, default=4, help="Eval images.")
+  parser.add_argument("--layers", default="", help="Routed layers to show "
+                      "(default: all), e.g. stage5_layer0,stage5_layer2.")
+  parser.add_argument("--out", default="routing.png", help="Output PNG path.")
+  args = parser.parse_args(argv)
+  try:
+    model, variables, images = _model_and_images(args)
+    layers = [l for l in args.layers.split(",") if l] or None
+    aux = routing_picture(model, variables, images, args.out, layers)
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"routing_map: error: {e}")
   for layer in moe.routed_layers(aux):
     load = np.asarray(aux[f"{layer}/moe_expert_load"]).sum(0)
     dropped = 1.0 - float(np.mean(aux[f"{layer}/moe_kept"]))
     print(f"{layer}: tokens per expert {load.astype(int).tolist()}, "
           f"dropped choices {dropped:.1%}")
-  print(f"wrote {_OUT.value}")
+  print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()
