@@ -120,25 +120,18 @@ def head_group(params: Any, key: str, attn: tuple[str, ...], head_dim: int,
                _range_map(head_dim), lambda k: k, f"head ({head_dim} channels)")
 
 
-def dense_mlp_group(params: Any, key: str, mlp: tuple[str, ...]) -> Group:
-  """Hidden units of a Linear-GELU-Linear MLP (Dense fc1 / fc2)."""
-  hidden = _get(params, mlp + ("fc1", "kernel")).shape[1]
+def mlp_group(params: Any, key: str, mlp: tuple[str, ...]) -> Group:
+  """Hidden units of an fc1 -> activation -> fc2 MLP.
+
+  Dense kernels ([in, out]) and 1x1-conv kernels ([1, 1, in, out], EdgeViT's CMlp)
+  both carry outputs on the last axis and inputs on the one before.
+  """
+  hidden = _get(params, mlp + ("fc1", "kernel")).shape[-1]
   one = _range_map(1)
   return Group(key, "hidden", hidden, (
-      Member(mlp + ("fc1", "kernel"), 1, one),
+      Member(mlp + ("fc1", "kernel"), -1, one),
       Member(mlp + ("fc1", "bias"), 0, one),
-      Member(mlp + ("fc2", "kernel"), 0, one, True)),
-      "/".join(mlp + ("fc2",)), one, lambda k: k, "hidden unit")
-
-
-def conv_mlp_group(params: Any, key: str, mlp: tuple[str, ...]) -> Group:
-  """Hidden units of a 1x1-conv MLP (kernels [1, 1, in, out]; EdgeViT's CMlp)."""
-  hidden = _get(params, mlp + ("fc1", "kernel")).shape[3]
-  one = _range_map(1)
-  return Group(key, "hidden", hidden, (
-      Member(mlp + ("fc1", "kernel"), 3, one),
-      Member(mlp + ("fc1", "bias"), 0, one),
-      Member(mlp + ("fc2", "kernel"), 2, one, True)),
+      Member(mlp + ("fc2", "kernel"), -2, one, True)),
       "/".join(mlp + ("fc2",)), one, lambda k: k, "hidden unit")
 
 
@@ -211,7 +204,7 @@ def mobilevitv2_groups(model: Any, params: Any) -> list[Group]:
     for layer in sorted(k for k in block if k.startswith("transformer_")):
       mlp = block[layer].get("mlp", {})
       if "fc1" in mlp and "fc2" in mlp:  # The dense FFN (not a mixture of experts).
-        out.append(dense_mlp_group(params, f"{name}/{layer}/mlp", (name, layer, "mlp")))
+        out.append(mlp_group(params, f"{name}/{layer}/mlp", (name, layer, "mlp")))
   return out
 
 
@@ -223,7 +216,7 @@ def vit_groups(model: vit.VisionTransformer, params: Any) -> list[Group]:
     block = (f"blocks_{i}",)
     out.append(head_group(params, f"blocks_{i}/attn", block + ("attn",), head_dim,
                           model.qkv_bias))
-    out.append(dense_mlp_group(params, f"blocks_{i}/mlp", block + ("mlp",)))
+    out.append(mlp_group(params, f"blocks_{i}/mlp", block + ("mlp",)))
   return out
 
 
@@ -241,12 +234,12 @@ def edgevit_groups(model: edgevit.EdgeViT, params: Any) -> list[Group]:
     for i in range(depth):
       block = f"blocks{s + 1}_{i}"
       if "LocalAgg" in params[block]:
-        out.append(conv_mlp_group(params, f"{block}/LocalAgg/mlp",
+        out.append(mlp_group(params, f"{block}/LocalAgg/mlp",
                                   (block, "LocalAgg", "mlp")))
       if model.sr_ratios[s] == 1:
         out.append(head_group(params, f"{block}/SelfAttn/attn",
                               (block, "SelfAttn", "attn"), head_dim, model.qkv_bias))
-      out.append(dense_mlp_group(params, f"{block}/SelfAttn/mlp",
+      out.append(mlp_group(params, f"{block}/SelfAttn/mlp",
                                  (block, "SelfAttn", "mlp")))
   return out
 

@@ -82,8 +82,8 @@ def _kept_count(group: groups_lib.Group, ratio: float) -> int:
     raise PruningError(
         f"Ratio {ratio} removes every {group.unit_name} of {group.key} "
         f"({group.num_units} units): the layer would vanish. Use a ratio <= "
-        f"{_largest_ratio(group.num_units)} for it (e.g. per_layer "
-        f"{{{group.key!r}: {_largest_ratio(group.num_units)}}}).")
+        f"{_largest_ratio(group.num_units)} for it (per layer: "
+        f"--layer={group.key}={_largest_ratio(group.num_units)}).")
   return keep
 
 
