@@ -33,6 +33,8 @@ PINNED_PARAMS = {
     "tformer_s": 8_379_560,
     "tformer_m": 14_317_736,
     "tformer_l": 20_255_912,
+    # DeViT ensemble (vit_edge/devit/ensemble.py): N=4 DeiT-Ti sub-models + fusion.
+    "devit_tiny_patch16": 23_910_888,
     # Routed MobileViTv2 (mixture of experts), a reconstruction: mobilevitv2_moe.py.
     "mobilevitv2_moe_s": 1_375_969,
     "mobilevitv2_moe_xs": 1_203_169,
