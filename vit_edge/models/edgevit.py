@@ -65,6 +65,7 @@ def _conv(features: int, kernel: int, in_features: int, dtype: Dtype, name: str,
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)),
                  feature_group_count=groups, dtype=dtype,
+                 conv_general_dilated=layers.conv_general_dilated,
                  kernel_init=torch_conv_kernel_init,
                  bias_init=torch_conv_bias_init(fan_in), name=name)
 

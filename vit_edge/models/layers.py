@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -192,3 +193,110 @@ def classifier_head(x: jax.Array, num_classes: int, dtype: Dtype,
     return x
   return nn.Dense(num_classes, dtype=dtype, kernel_init=trunc_normal,
                   bias_init=nn.initializers.zeros, name=name)(x)
+
+
+# ---------------------------------------------------------------------------
+# Depthwise convolution with a gradient XLA:CPU computes well.
+#
+# XLA:CPU lowers the gradients of a depthwise (feature_group_count == C) conv
+# badly: the kernel gradient becomes a full C x C convolution of which only the
+# diagonal is kept, and the input gradient of a strided one becomes an
+# lhs-dilated grouped convolution, the slowest single instructions of a
+# MobileViTv2 train step (README "Performance notes"). Both gradients of a
+# k x k depthwise conv are k*k shifted multiply-adds, which XLA fuses into a few
+# memory-bound loops. The forward pass stays one lax convolution, so inference,
+# export (jax2tf sees only the primal) and the parameter tree are unchanged.
+# ---------------------------------------------------------------------------
+
+def _is_plain_depthwise(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                        feature_group_count, batch_group_count) -> bool:
+  """True for an undilated 2-D NHWC/HWIO conv with one filter per input channel."""
+  if lhs.ndim != 4 or feature_group_count == 1 or batch_group_count != 1:
+    return False
+  channels = lhs.shape[-1]
+  if rhs.shape[2:] != (1, channels) or feature_group_count != channels:
+    return False
+  if any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ())):
+    return False
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  return (dimension_numbers == nhwc
+          or dimension_numbers == ("NHWC", "HWIO", "NHWC"))
+
+
+def _depthwise_forward(x, w, strides, pads):
+  return lax.conv_general_dilated(
+      x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_conv(x, w, strides, pads):
+  return _depthwise_forward(x, w, strides, pads)
+
+
+def _depthwise_conv_fwd(x, w, strides, pads):
+  return _depthwise_forward(x, w, strides, pads), (x, w)
+
+
+def _depthwise_conv_bwd(strides, pads, residuals, g):
+  x, w = residuals
+  (sh, sw), ((top, bottom), (left, right)) = strides, pads
+  kh, kw = w.shape[:2]
+  batch, out_h, out_w, channels = g.shape
+  xp = lax.pad(x, jnp.zeros((), x.dtype),
+               ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+  padded_h, padded_w = xp.shape[1:3]
+  span_h, span_w = sh * (out_h - 1) + 1, sw * (out_w - 1) + 1
+  # Accumulated in float32 (bf16 sums of k*k taps lose ~2 bits); a no-op in float32.
+  g32, w32 = g.astype(jnp.float32), w.astype(jnp.float32)
+  # Kernel gradient: tap (i, j) correlates the input window it saw with g.
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      window = lax.slice(xp, (0, i, j, 0), (batch, i + span_h, j + span_w, channels),
+                         (1, sh, sw, 1))
+      taps.append(jnp.sum(window.astype(jnp.float32) * g32, axis=(0, 1, 2)))
+  dw = jnp.stack(taps).reshape(kh, kw, 1, channels).astype(w.dtype)
+  # Input gradient: tap (i, j) sends g * w[i, j] back to the (strided) positions it
+  # read; interior padding spreads g over the stride without a scatter.
+  dxp = None
+  zero = jnp.zeros((), jnp.float32)
+  for i in range(kh):
+    for j in range(kw):
+      part = lax.pad(g32 * w32[i, j, 0], zero,
+                     ((0, 0, 0), (i, padded_h - i - span_h, sh - 1),
+                      (j, padded_w - j - span_w, sw - 1), (0, 0, 0)))
+      dxp = part if dxp is None else dxp + part
+  dx = lax.pad(dxp, zero, ((0, 0, 0), (-top, -bottom, 0), (-left, -right, 0), (0, 0, 0)))
+  return dx.astype(x.dtype), dw
+
+
+_depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, batch_group_count=1, precision=None,
+                         preferred_element_type=None):
+  """`lax.conv_general_dilated` with a fast gradient for 2-D depthwise convs.
+
+  A drop-in for ``nn.Conv(..., conv_general_dilated=layers.conv_general_dilated)``:
+  plain depthwise convs (one k x k filter per channel, no dilation, NHWC) get the
+  shifted multiply-add gradient above; every other conv goes to lax unchanged.
+  Forward values are lax's own.
+  """
+  if (precision is None and preferred_element_type is None
+      and _is_plain_depthwise(lhs, rhs, lhs_dilation, rhs_dilation,
+                              dimension_numbers, feature_group_count,
+                              batch_group_count)):
+    pads = padding
+    if isinstance(padding, str):
+      pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides,
+                                 padding)
+    pads = tuple(tuple(int(p) for p in pair) for pair in pads)
+    return _depthwise_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+      precision=precision, preferred_element_type=preferred_element_type)

@@ -103,6 +103,7 @@ class ConvNormAct(nn.Module):
     x = nn.Conv(self.features, (self.kernel_size, self.kernel_size),
                 strides=self.stride, padding=((pad, pad), (pad, pad)),
                 feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
+                conv_general_dilated=layers.conv_general_dilated,
                 kernel_init=_conv_init(self.groups), name="conv")(x)
     x = layers.batch_norm(train, self.dtype, name="bn")(x)
     return nn.silu(x) if self.apply_act else x

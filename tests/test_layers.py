@@ -1,0 +1,100 @@
+"""Shared layers: the depthwise convolution's hand-written gradient."""
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_edge import models
+from vit_edge.models import layers
+
+
+def _grads(conv, x, w, strides, padding):
+  def loss(x, w):
+    dims = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    y = conv(x, w, strides, padding, dimension_numbers=dims,
+             feature_group_count=x.shape[-1])
+    return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding", [
+    (9, 3, 1, ((1, 1), (1, 1))),
+    (10, 3, 2, ((1, 1), (1, 1))),   # MobileViTv2 / EdgeViT downsampling
+    (11, 5, 2, "SAME"),
+    (8, 3, 2, "VALID"),
+    (9, 3, 2, ((0, 1), (2, 0))),    # asymmetric
+    (12, 7, 3, ((3, 3), (3, 3))),
+])
+def test_depthwise_gradient_equals_lax(size, kernel, stride, padding):
+  rng = np.random.default_rng(size + kernel + stride)
+  x = jnp.asarray(rng.normal(size=(2, size, size + 1, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 4)), jnp.float32)
+  (y_ref, (dx_ref, dw_ref)) = _grads(lax.conv_general_dilated, x, w, (stride, stride),
+                                     padding)
+  (y, (dx, dw)) = _grads(layers.conv_general_dilated, x, w, (stride, stride), padding)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_depthwise_gradient_bf16_as_close_as_lax():
+  """In bfloat16 the gradient is at least as close to float32 as lax's own."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 1, 8)), jnp.float32)
+  _, exact = _grads(lax.conv_general_dilated, x, w, (2, 2), "SAME")
+  low = lambda conv: _grads(conv, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                            (2, 2), "SAME")[1]
+  ours, theirs = low(layers.conv_general_dilated), low(lax.conv_general_dilated)
+  for a, b, e in zip(ours, theirs, exact):
+    assert a.dtype == jnp.bfloat16
+    ours_err = np.abs(np.float32(a) - e).max()
+    lax_err = np.abs(np.float32(b) - e).max()
+    assert ours_err <= 1.5 * lax_err + 1e-3, (ours_err, lax_err)
+
+
+def test_other_convolutions_go_to_lax_unchanged():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(1, 6, 6, 4)), jnp.float32)
+  dims = ("NHWC", "HWIO", "NHWC")
+  for w, groups in ((rng.normal(size=(3, 3, 4, 8)), 1),     # dense
+                    (rng.normal(size=(1, 1, 2, 4)), 2),     # grouped, not depthwise
+                    (rng.normal(size=(3, 3, 1, 8)), 4)):    # channel multiplier 2
+    w = jnp.asarray(w, jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=dims, feature_group_count=groups))(x, w)
+    assert "custom_vjp" not in str(jaxpr)
+    np.testing.assert_array_equal(
+        layers.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims,
+                                    feature_group_count=groups),
+        lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims,
+                                 feature_group_count=groups))
+
+
+@pytest.mark.parametrize("name", ["edgevit_xxs", "mobilevitv2_050"])
+def test_model_gradients_unchanged(name, monkeypatch):
+  """A whole (small) model's parameter gradient equals the one lax's autodiff gives."""
+  overrides = ({"depths": (1, 1, 1, 1), "embed_dims": (8, 16, 24, 32), "head_dim": 8}
+               if name == "edgevit_xxs" else {"width_multiplier": 0.25})
+  images = jnp.asarray(np.random.default_rng(2).uniform(size=(2, 32, 32, 3)), jnp.float32)
+
+  def grads():
+    model = models.create_model(name, num_classes=5, **overrides)
+    variables = model.init(jax.random.key(0), images)
+
+    def loss(params):
+      logits, _ = model.apply({**variables, "params": params}, images, train=False)
+      return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+    return jax.jit(jax.grad(loss))(variables["params"])
+
+  ours = grads()
+  monkeypatch.setattr(layers, "conv_general_dilated", lax.conv_general_dilated)
+  reference = grads()
+  for path, a in jax.tree_util.tree_leaves_with_path(ours):
+    b = reference
+    for key in path:
+      b = b[key.key]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
