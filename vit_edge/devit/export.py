@@ -211,15 +211,8 @@ def export_from_workdir(workdir: str, out_dir: str, *, quantize: str = "none",
   mean, std = info["mean"], info["std"]
   eval_batches = input_pipeline.create_eval_iterator(
       config, mean=mean, std=std, local_batch_size=min(64, config.eval_batch_size))
-  aug = config.get("aug") or {}
-  metadata = {
-      "model": config.model, "num_classes": int(info["num_classes"]),
-      "label_names": [str(x) for x in info.get("label_names") or
-                      range(info["num_classes"])],
-      "image_size": int(config.image_size), "mean": list(mean), "std": list(std),
-      "crop_pct": float(aug.get("crop_pct", input_pipeline.DEFAULT_CROP_PCT)),
-      "interpolation": str(aug.get("interpolation", "bilinear")),
-      "dataset": info.get("name"), "source": {"workdir": os.path.abspath(workdir)}}
+  from vit_edge.export import metadata as export_metadata  # pylint: disable=g-import-not-at-top
+  metadata = export_metadata.run_metadata(config, info, workdir)
   representative = None
   if quantize == "int8":
     representative = data.representative_from_config(config, mean, std, 64)

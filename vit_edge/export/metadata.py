@@ -17,6 +17,34 @@ from vit_edge.export import serving as serving_lib
 from vit_edge.runtime import metadata as metadata_lib
 
 
+def run_metadata(config: Any, info: dict[str, Any], workdir: str,
+                 **source: Any) -> dict[str, Any]:
+  """The metadata a file exported from a run directory carries about that run.
+
+  Labels, input size, normalisation and eval crop come from the run's config and
+  data set info; `source` adds entries (step, use_ema, ...) to ``source``.
+
+  Example::
+
+      run_metadata(config, info, "workdir/edgevit_xxs", step=936)
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  from vit_edge import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  aug = config.get("aug") or {}
+  return {
+      "model": config.model, "num_classes": int(info["num_classes"]),
+      "label_names": [str(n) for n in info.get("label_names") or
+                      range(info["num_classes"])],
+      "image_size": int(config.image_size),
+      "mean": list(info["mean"]), "std": list(info["std"]),
+      "crop_pct": float(aug.get("crop_pct", input_pipeline.DEFAULT_CROP_PCT)),
+      "interpolation": str(aug.get("interpolation", "bilinear")),
+      "dataset": info.get("name"),
+      "source": {"workdir": os.path.abspath(workdir), **source},
+  }
+
+
 def add_metadata(tflite_model: bytes, metadata: dict[str, Any],
                  name: str = metadata_lib.METADATA_NAME) -> bytes:
   """Embeds `metadata` as a JSON buffer in the model's named metadata table.

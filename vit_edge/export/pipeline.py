@@ -258,19 +258,9 @@ def export_from_workdir(workdir: str, out: str, *, step: Optional[int] = None,
     serving = serving_lib.dense(int(config.image_size))
   eval_batches = input_pipeline.create_eval_iterator(
       config, mean=mean, std=std, local_batch_size=min(64, config.eval_batch_size))
-  aug = config.get("aug") or {}
-  metadata = {
-      "model": config.model, "num_classes": int(info["num_classes"]),
-      "label_names": [str(n) for n in info.get("label_names") or
-                      range(info["num_classes"])],
-      "image_size": int(config.image_size), "mean": list(mean), "std": list(std),
-      "crop_pct": float(aug.get("crop_pct", input_pipeline.DEFAULT_CROP_PCT)),
-      "interpolation": str(aug.get("interpolation", "bilinear")),
-      "dataset": info.get("name"),
-      "source": {"workdir": os.path.abspath(workdir),
-                 "step": data.checkpoint_step(workdir, step), "use_ema": use_ema,
-                 "trained_image_size": trained_size},
-  }
+  metadata = export_metadata_lib.run_metadata(
+      config, info, workdir, step=data.checkpoint_step(workdir, step), use_ema=use_ema,
+      trained_image_size=trained_size)
   representative = None
   if quantize == "int8":
     representative = data.representative_from_config(config, mean, std,
