@@ -73,11 +73,13 @@ def test_other_convolutions_go_to_lax_unchanged():
                                  feature_group_count=groups))
 
 
-@pytest.mark.parametrize("name", ["edgevit_xxs", "mobilevitv2_050"])
-def test_model_gradients_unchanged(name, monkeypatch):
-  """A whole (small) model's parameter gradient equals the one lax's autodiff gives."""
-  overrides = ({"depths": (1, 1, 1, 1), "embed_dims": (8, 16, 24, 32), "head_dim": 8}
-               if name == "edgevit_xxs" else {"width_multiplier": 0.25})
+def test_model_gradients_unchanged(monkeypatch):
+  """A whole (small) model's parameter gradient equals the one lax's autodiff gives.
+
+  MobileViTv2 has stride-1 and stride-2 depthwise convs; EdgeViT's convs go through
+  the same function (the per-conv tests above cover its kernel sizes).
+  """
+  name, overrides = "mobilevitv2_050", {"width_multiplier": 0.25}
   images = jnp.asarray(np.random.default_rng(2).uniform(size=(2, 32, 32, 3)), jnp.float32)
 
   def grads():
