@@ -1,6 +1,7 @@
 """Faults injected into real (tiny) training runs: each stops the run with one line
 and leaves every checkpoint that was complete before it restorable."""
 
+import errno
 import io
 import os
 import sys
@@ -38,14 +39,15 @@ def small_disk(tmp_path, mount_tmpfs):
 
 
 def _fill(directory):
-  """Writes a file until the disk is full."""
-  with open(os.path.join(directory, ".filler"), "wb") as f:
-    try:
+  """Writes a file until the disk is full. A disk already too full to create the file
+  (seen once in CI) is what this wants too."""
+  try:
+    with open(os.path.join(directory, ".filler"), "wb") as f:
       while True:
         f.write(b"\0" * 65536)
         f.flush()
-    except OSError:
-      pass
+  except OSError as error:
+    assert error.errno == errno.ENOSPC, error
 
 
 def test_unwritable_checkpoint_dir_fails_before_training(immutable_dir):
