@@ -108,11 +108,12 @@ def _numpy_moe(params, x, k, capacity):
   return y.reshape(x.shape), kept
 
 
+@pytest.mark.parametrize("dispatch", ["gather", "dense"])
 @pytest.mark.parametrize("k,cf", [(1, 0.5), (2, 0.6), (2, 2.0)])
-def test_moe_ffn_matches_direct_computation(k, cf):
+def test_moe_ffn_matches_direct_computation(k, cf, dispatch):
   x = jnp.asarray(RNG.normal(size=(2, 4, 5, 8)), jnp.float32)
   layer = moe.MoeFfn(hidden_features=12, num_experts=4, num_selected=k,
-                     capacity_factor_eval=cf, capacity_multiple=1)
+                     capacity_factor_eval=cf, capacity_multiple=1, dispatch=dispatch)
   variables = layer.init(jax.random.key(0), x)
   y, aux = layer.apply(variables, x)
   capacity = layer.capacity(20, train=False)
@@ -150,13 +151,15 @@ def test_dropped_tokens_pass_through_the_residual():
   assert not np.allclose(np.asarray(out)[~dropped], np.asarray(skip)[~dropped])
 
 
-def test_layer_macs_matches_the_jaxpr():
+@pytest.mark.parametrize("dispatch", ["gather", "dense"])
+def test_layer_macs_matches_the_jaxpr(dispatch):
   x = jnp.zeros((1, 4, 16, 24))
   layer = moe.MoeFfn(hidden_features=48, num_experts=4, num_selected=2,
-                     expert_hidden_ratio=0.5)
+                     expert_hidden_ratio=0.5, dispatch=dispatch)
   variables = jax.eval_shape(layer.init, jax.random.key(0), x)
   jaxpr = jax.make_jaxpr(lambda v, x: layer.apply(v, x))(variables, x)
-  computed, used = moe.layer_macs(64, 24, 24, 4, 2, layer.capacity(64, False))
+  computed, used = moe.layer_macs(64, 24, 24, 4, 2, layer.capacity(64, False),
+                                  dispatch)
   assert complexity.jaxpr_macs(jaxpr.jaxpr) == computed
   assert used == 64 * 24 * 4 + 64 * 2 * 2 * 24 * 24
 
@@ -284,6 +287,22 @@ def test_batch_one_routing_equals_the_batched_routing():
     one_y, one_aux = layer.apply(layer_vars, tokens[i:i + 1], deterministic=False)
     np.testing.assert_allclose(one_y[0], y[i], atol=1e-6)
     np.testing.assert_array_equal(one_aux["moe_kept"][0], layer_aux["moe_kept"][i])
+
+
+def test_export_form_dispatches_top2_layers_densely_with_the_same_outputs():
+  layer = moe.MoeFfn(hidden_features=16, num_experts=4, dispatch="auto")
+  assert layer.clone(num_selected=2).resolved_dispatch(64, train=False) == "dense"
+  assert layer.clone(num_selected=1).resolved_dispatch(64, train=False) == "gather"
+  with pytest.raises(ValueError, match="dispatch='sparse'; expected 'gather'"):
+    layer.clone(dispatch="sparse").resolved_dispatch(64, train=False)
+  model = _routed(capacity_factor_eval=0.5)  # Top-2, with dropped tokens.
+  x = jnp.asarray(RNG.uniform(size=(2, 64, 64, 3)), jnp.float32)
+  variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+  logits, _ = model.apply(variables, x, train=False)
+  exported = export.inference.export_model(model)
+  assert exported.moe_dispatch == "auto"
+  np.testing.assert_allclose(exported.apply(variables, x, train=False)[0], logits,
+                             atol=1e-5, rtol=1e-5)
 
 
 def test_routed_models_pinned_near_their_targets():

@@ -57,6 +57,8 @@ class RoutedMobileViTv2(mobilevitv2.MobileViTv2):
     expert_hidden_ratio: expert hidden width over the dense FFN's (2d).
     capacity_factor_train / capacity_factor_eval: see :class:`moe.MoeFfn`.
     noise_scale: router noise std times E in training.
+    moe_dispatch: "gather" (training), "dense", or "auto" (the export form);
+      see :class:`moe.MoeFfn`.
   """
 
   moe_layers: Sequence[tuple[int, int]] = ()
@@ -66,6 +68,15 @@ class RoutedMobileViTv2(mobilevitv2.MobileViTv2):
   capacity_factor_train: float = 1.05
   capacity_factor_eval: float = 1.25
   noise_scale: float = 1.0
+  moe_dispatch: str = "gather"
+
+  def export_form(self) -> "RoutedMobileViTv2":
+    """The same model with "auto" dispatch: identical outputs; a top-2 layer
+    runs every expert on every token (two plain matmuls, no gathers), a top-1
+    layer keeps its slots (tools/bench_moe.py, table 2: the stage-4 top-2 layer
+    of mobilevitv2_moe_xs took 2.7x its dense FFN's TFLite time with gathers,
+    1.3x dense; a top-1 layer was faster with gathers)."""
+    return self.clone(moe_dispatch="auto")
 
   def layer_ffn(self, stage: int, layer: int) -> Optional[mobilevitv2.FfnFactory]:
     routed = {tuple(int(v) for v in pair) for pair in self.moe_layers}
@@ -76,7 +87,7 @@ class RoutedMobileViTv2(mobilevitv2.MobileViTv2):
         expert_hidden_ratio=self.expert_hidden_ratio,
         capacity_factor_train=self.capacity_factor_train,
         capacity_factor_eval=self.capacity_factor_eval,
-        noise_scale=self.noise_scale)
+        noise_scale=self.noise_scale, dispatch=self.moe_dispatch)
 
 
 # Every transformer layer of stages 4 (4 layers) and 5 (3 layers).
@@ -111,7 +122,9 @@ def routed_complexity(model: RoutedMobileViTv2, image_size: int) -> dict[str, An
   """Per routed layer and in total: the MACs computed and the MACs tokens use.
 
   The MACs a graph computes include every expert slot (capacity C at the eval
-  capacity factor, filled or not) and the dispatch products; the MACs a token uses
+  capacity factor, filled or not) and the dispatch products with "gather"
+  dispatch, every expert on every token with "dense" (the export form: pass
+  ``model.export_form()`` for the exported file's count); the MACs a token uses
   are its router and its K experts (:func:`moe.layer_macs`). Returns
   ``{"layers": {name: (computed, used, tokens, capacity)}, "computed": int,
   "used": int, "idle_expert_params": int}``, the last being the expert
@@ -132,8 +145,12 @@ def routed_complexity(model: RoutedMobileViTv2, image_size: int) -> dict[str, An
     _, tokens, selected = aux[f"{layer}/moe_expert"].shape
     capacity = moe.expert_capacity(tokens, num_experts, selected,
                                    model.capacity_factor_eval)
+    layer_dispatch = moe.MoeFfn(
+        hidden_features=hidden, num_experts=num_experts, num_selected=selected,
+        capacity_factor_eval=model.capacity_factor_eval,
+        dispatch=model.moe_dispatch).resolved_dispatch(tokens, train=False)
     computed, used = moe.layer_macs(tokens, dim, hidden, num_experts, selected,
-                                    capacity)
+                                    capacity, layer_dispatch)
     out["layers"][layer] = (computed, used, tokens, capacity)
     out["computed"] += computed
     out["used"] += used

@@ -176,6 +176,10 @@ class MoeFfn(nn.Module):
     noise_scale: training noise std is ``noise_scale / E`` (V-MoE: 1).
     capacity_multiple: capacity rounded up to this multiple (V-MoE: 4).
     act: the experts' activation (SiLU, as MobileViTv2's ConvMlp).
+    dispatch: "gather" runs each expert on its C slots (training); "dense" runs
+      every expert on every token with zero weight where not chosen or dropped:
+      the same outputs from fewer TFLite ops; "auto" chooses per layer (see
+      :meth:`resolved_dispatch`; the export form).
     dtype: compute dtype of the experts; the router runs in float32.
   """
 
@@ -187,6 +191,7 @@ class MoeFfn(nn.Module):
   capacity_factor_eval: float = 1.25
   noise_scale: float = 1.0
   capacity_multiple: int = 4
+  dispatch: str = "gather"
   act: Callable[[jax.Array], jax.Array] = nn.silu
   dtype: Dtype = jnp.float32
 
@@ -194,6 +199,23 @@ class MoeFfn(nn.Module):
     cf = self.capacity_factor_train if train else self.capacity_factor_eval
     return expert_capacity(num_tokens, self.num_experts, self.num_selected, cf,
                            self.capacity_multiple)
+
+  def resolved_dispatch(self, num_tokens: int, train: bool) -> str:
+    """"gather" or "dense" for a layer of `num_tokens` tokens per image.
+
+    "auto" picks "dense" where running every expert on every token costs at
+    most twice the expert slots' MACs (S <= 2C: top-2 at cf 1.25), "gather"
+    elsewhere (top-1: the dense form would compute 3.2x the slots). That is
+    where the dense form was the faster TFLite graph (tools/bench_moe.py).
+    """
+    if self.dispatch == "auto":
+      return "dense" if num_tokens <= 2 * self.capacity(num_tokens, train) else "gather"
+    if self.dispatch not in ("gather", "dense"):
+      raise ValueError(f"dispatch={self.dispatch!r}; expected 'gather' (slots, "
+                       "the training form), 'dense' (every expert on every "
+                       "token) or 'auto' (the cheaper of the two; the export "
+                       "form).")
+    return self.dispatch
 
   @property
   def expert_hidden(self) -> int:
@@ -218,32 +240,22 @@ class MoeFfn(nn.Module):
                                                      logits.shape)
     probs = jax.nn.softmax(noisy, axis=-1)
     routing = route(probs, self.num_selected, capacity)
-    table, filled = slot_table(routing, e, capacity)
-
-    # Dispatch: gather each slot's token ([B*S, d] rows; batch offsets added).
-    flat_tokens = tokens.reshape(b * s, dim)
-    offsets = (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None]
-    expert_in = jnp.take(flat_tokens, (table + offsets).reshape(-1), axis=0,
-                         mode="clip").reshape(b, e, capacity, dim)
     kernel_init = layers.trunc_normal
     w1 = self.param("wi", kernel_init, (e, dim, h))
     b1 = self.param("bi", nn.initializers.zeros, (e, h))
     w2 = self.param("wo", kernel_init, (e, h, dim))
     b2 = self.param("bo", nn.initializers.zeros, (e, dim))
-    expert_in = expert_in.astype(self.dtype)
-    hidden = self.act(jnp.einsum("becd,edh->bech", expert_in, w1.astype(self.dtype))
-                      + b1.astype(self.dtype)[:, None, :])
-    expert_out = (jnp.einsum("bech,ehd->becd", hidden, w2.astype(self.dtype))
-                  + b2.astype(self.dtype)[:, None, :])
-
-    # Combine: gather each choice's slot output back to its token.
-    flat_out = expert_out.reshape(b * e * capacity, dim)
-    index = (jnp.arange(b, dtype=jnp.int32)[:, None, None] * (e * capacity)
-             + routing.expert * capacity + jnp.minimum(routing.slot, capacity - 1))
-    chosen = jnp.take(flat_out, index.reshape(-1), axis=0, mode="clip")
-    chosen = chosen.reshape(b, s, self.num_selected, dim)
-    weight = (routing.gate * routing.kept.astype(routing.gate.dtype)).astype(self.dtype)
-    y = jnp.sum(chosen * weight[..., None], axis=2).reshape(shape)
+    experts = (w1.astype(self.dtype), b1.astype(self.dtype), w2.astype(self.dtype),
+               b2.astype(self.dtype))
+    dispatch = self.resolved_dispatch(s, train)
+    if dispatch == "gather":
+      y = self._gather_dispatch(tokens.astype(self.dtype), routing, experts, capacity)
+    else:
+      y = self._dense_dispatch(tokens.astype(self.dtype), routing, experts)
+    y = y.reshape(shape)
+    # Tokens each expert processed (its kept choices): the same in both forms.
+    load = jnp.sum(jax.nn.one_hot(routing.expert, e, dtype=jnp.float32)
+                   * routing.kept.astype(jnp.float32)[..., None], axis=(1, 2))
 
     aux = {
         "moe_expert": routing.expert,
@@ -252,25 +264,73 @@ class MoeFfn(nn.Module):
         "moe_router_logits": logits,
         "moe_router_logits_noisy": noisy,
         "moe_noise_std": jnp.asarray(noise_std, jnp.float32),
-        "moe_expert_load": jnp.sum(filled, axis=-1),
+        "moe_expert_load": load,
     }
     return y, aux
 
+  def _gather_dispatch(self, tokens, routing: Routing, experts, capacity: int):
+    """Runs each expert on its C slots only (what training runs): [B, S, d]."""
+    w1, b1, w2, b2 = experts
+    b, s, dim = tokens.shape
+    e = self.num_experts
+    table, _ = slot_table(routing, e, capacity)
+    # Dispatch: gather each slot's token ([B*S, d] rows; batch offsets added).
+    flat_tokens = tokens.reshape(b * s, dim)
+    offsets = (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None]
+    expert_in = jnp.take(flat_tokens, (table + offsets).reshape(-1), axis=0,
+                         mode="clip").reshape(b, e, capacity, dim)
+    hidden = self.act(jnp.einsum("becd,edh->bech", expert_in, w1) + b1[:, None, :])
+    expert_out = jnp.einsum("bech,ehd->becd", hidden, w2) + b2[:, None, :]
+    # Combine: gather each choice's slot output back to its token.
+    flat_out = expert_out.reshape(b * e * capacity, dim)
+    index = (jnp.arange(b, dtype=jnp.int32)[:, None, None] * (e * capacity)
+             + routing.expert * capacity + jnp.minimum(routing.slot, capacity - 1))
+    chosen = jnp.take(flat_out, index.reshape(-1), axis=0, mode="clip")
+    chosen = chosen.reshape(b, s, self.num_selected, dim)
+    weight = (routing.gate * routing.kept.astype(routing.gate.dtype)).astype(tokens.dtype)
+    return jnp.sum(chosen * weight[..., None], axis=2)
+
+  def _dense_dispatch(self, tokens, routing: Routing, experts):
+    """Runs every expert on every token and weights each output by its combine
+    weight (gate if chosen and kept, else 0): [B, S, d].
+
+    The same outputs as the gather form (a dropped or unchosen expert weighs 0),
+    from two plain matmuls: the E experts side by side are one FFN of hidden
+    E * h whose hidden units are scaled by their expert's weight. It computes
+    E / (K cf) times the slot MACs but no gathers, which is faster in TFLite at
+    these sizes (tools/bench_moe.py, table 2).
+    """
+    w1, b1, w2, b2 = experts
+    e, dim, h = w1.shape
+    weight = jnp.einsum(
+        "bske,bsk->bse", jax.nn.one_hot(routing.expert, e, dtype=routing.gate.dtype),
+        routing.gate * routing.kept.astype(routing.gate.dtype)).astype(tokens.dtype)
+    hidden = self.act(tokens @ jnp.transpose(w1, (1, 0, 2)).reshape(dim, e * h)
+                      + b1.reshape(e * h))
+    hidden = hidden * jnp.repeat(weight, h, axis=-1)
+    return hidden @ w2.reshape(e * h, dim) + weight @ b2
+
 
 def layer_macs(num_tokens: int, dim: int, expert_hidden: int, num_experts: int,
-               num_selected: int, capacity: int) -> tuple[int, int]:
+               num_selected: int, capacity: int, dispatch: str = "gather"
+               ) -> tuple[int, int]:
   """(MACs the layer computes, MACs its tokens use) for one image.
 
-  Computed: router ``S d E``, the dispatch products ``S K E C + S E C`` (one-hot
-  product and index table) and every expert slot ``E C 2 d h``, whether filled or
-  not. Used by the tokens: router plus ``K 2 d h`` per token (what a sparse
-  kernel that skipped empty slots would run). Mirrors :class:`MoeFfn` exactly;
-  tests check it against the jaxpr count.
+  Computed, "gather" dispatch: router ``S d E``, the dispatch products
+  ``S K E C + S E C`` (one-hot product and index table) and every expert slot
+  ``E C 2 d h``, whether filled or not. "dense" dispatch: router, the combine
+  weights ``S K E``, every expert on every token ``S E 2 d h`` and the weighted
+  output biases ``S E d``. Used by the tokens: router plus ``K 2 d h`` per token
+  (what a sparse kernel that skipped empty slots would run). Mirrors
+  :class:`MoeFfn` exactly; tests check it against the jaxpr count.
   """
   s, d, h, e, k, c = (num_tokens, dim, expert_hidden, num_experts, num_selected,
                       capacity)
   router = s * d * e
-  computed = router + s * k * e * c + s * e * c + e * c * 2 * d * h
+  if dispatch == "dense":
+    computed = router + s * k * e + s * e * 2 * d * h + s * e * d
+  else:
+    computed = router + s * k * e * c + s * e * c + e * c * 2 * d * h
   used = router + s * k * 2 * d * h
   return computed, used
 
