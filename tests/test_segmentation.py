@@ -11,6 +11,7 @@ from PIL import Image
 import pytest
 
 from vit_edge import models
+from vit_edge import objectives
 from vit_edge import train
 from vit_edge.models import segmentation
 from vit_edge.objectives import dense
@@ -151,6 +152,17 @@ def test_pixel_cross_entropy_ignores_pixels_and_ohem_keeps_the_hardest():
                                          ohem_thresh=1e-9, ohem_min_kept=10)
   assert float(loss) == pytest.approx(np.sort(ce[valid])[-10:].mean(), rel=1e-5)
   assert float(kept) == pytest.approx(10 / valid.sum())
+
+
+def test_train_accuracy_leaves_out_ignored_pixels():
+  labels = np.array([[0, 1, 2, 255], [255, 255, 1, 1]])
+  predicted = np.array([[0, 2, 2, 0], [0, 0, 1, 0]])
+  logits = jax.nn.one_hot(predicted, 3)
+  targets = jax.nn.one_hot(labels, 3)  # 255 -> an all-zero row.
+  # 5 labelled pixels, 3 of them right; the ignored ones (all predicted 0, as an
+  # all-zero row's argmax) would have counted as hits.
+  assert float(objectives.label_accuracy(logits, targets)) == pytest.approx(3 / 5)
+  assert float(objectives.label_accuracy(logits[:1, :3], targets[:1, :3])) == pytest.approx(2 / 3)
 
 
 # ---------------------------------------------------------------------------------

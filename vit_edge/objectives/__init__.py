@@ -158,9 +158,19 @@ class Objective:
       total = total + loss
       metrics.update(term_metrics)
     metrics["loss"] = total
-    metrics["accuracy"] = jnp.mean(
-        jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).astype(jnp.float32)
+    metrics["accuracy"] = label_accuracy(logits, targets)
     return total, metrics
+
+
+def label_accuracy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Share of argmax hits among the rows that have a target.
+
+  An all-zero target row (a segmentation pixel with the ignore label, see
+  objectives/dense.py) is left out; every classification row has a target.
+  """
+  counted = (jnp.sum(targets, -1) > 0).astype(jnp.float32)
+  hits = (jnp.argmax(logits, -1) == jnp.argmax(targets, -1)).astype(jnp.float32)
+  return jnp.sum(hits * counted) / jnp.maximum(jnp.sum(counted), 1.0)
 
 
 def label_only() -> Objective:
