@@ -70,6 +70,36 @@ def _torch_adaptive_avg_pool_1d(values, bins):
                    for i in range(bins)])
 
 
+def test_backbone_initialises_from_a_classification_run():
+  from vit_edge import checkpointing  # pylint: disable=g-import-not-at-top
+  x = jnp.zeros((1, 64, 64, 3))
+  tiny = {"width_multiplier": 0.25}
+  classifier = models.create_model("mobilevitv2_050", num_classes=10, **tiny)
+  pretrained = jax.jit(classifier.init)(jax.random.key(1), x)
+  segmenter = models.create_model("fpn_mobilevitv2_050", num_classes=4,
+                                  backbone_overrides=tiny)
+  fresh = jax.jit(segmenter.init)(jax.random.key(2), x)
+  for collection in ("params", "batch_stats"):
+    merged = checkpointing.merge_for_fine_tuning(fresh[collection],
+                                                 pretrained[collection], "run",
+                                                 collection, grid=0)
+    jax.tree_util.tree_map(  # Every backbone variable from the classifier...
+        np.testing.assert_array_equal, merged["backbone"],
+        {k: pretrained[collection][k] for k in merged["backbone"]})
+    for key, value in merged.items():  # ...the decoder heads as initialised.
+      if key != "backbone":
+        jax.tree_util.tree_map(np.testing.assert_array_equal, value,
+                               fresh[collection][key])
+  wider = jax.tree_util.tree_map(  # Another width: zeros of its shapes will do.
+      lambda v: np.zeros(v.shape, v.dtype),
+      jax.eval_shape(models.create_model("mobilevitv2_050", num_classes=10).init,
+                     jax.random.key(0), x))
+  with pytest.raises(ValueError, match=r"init_from: params/backbone/\S+ has shape "
+                                       r"\(\d+,?[\d, ]*\) in 'run' but"):
+    checkpointing.merge_for_fine_tuning(fresh["params"], wider["params"], "run",
+                                        "params", grid=0)
+
+
 @pytest.mark.parametrize("size", [2, 5, 7])
 @pytest.mark.parametrize("bins", segmentation.PPM_BINS)
 def test_pyramid_pooling_matches_adaptive_average_pooling(size, bins):

@@ -373,25 +373,44 @@ def init_from(state: Any, path: str, shardings: Any, grid: int) -> Any:
   return new_state
 
 
+# Where a dense-prediction model (vit_edge.models.segmentation) keeps its backbone.
+BACKBONE = "backbone"
+
+
 def merge_for_fine_tuning(new_tree: Any, old_tree: Any, path: str, collection: str,
                            grid: int) -> Any:
   """`new_tree` with each variable taken from `old_tree` by init_from's rules.
 
   Equal shapes are copied, a ViT ``pos_embed`` is resized to `grid`, a head of
   another shape stays as in `new_tree`; anything else is a ValueError naming the
-  variable. Also used to place imported PyTorch weights into a fresh train state.
+  variable. A model whose variables live under ``backbone/`` (segmentation) takes
+  a classification run of its backbone: ``backbone/x`` from the run's ``x``, its
+  decoder heads fresh (the run's classifier head is not used). Also used to place imported PyTorch weights into a fresh train state.
   Example: ``merge_for_fine_tuning(state["params"], old_params, "run", "params", 14)``.
   """
   from vit_edge.models import vit  # pylint: disable=g-import-not-at-top
 
   flat_old = ocp.tree.to_flat_dict(old_tree) if old_tree else {}
+  flat_new = ocp.tree.to_flat_dict(new_tree)
+  # A dense-prediction model (params under "backbone/" and its heads) initialised
+  # from a classification run of its backbone: the run's variables go under
+  # "backbone/", the decoder heads keep their fresh initialisation.
+  into_backbone = (any(k[0] == BACKBONE for k in flat_new)
+                   and not any(k[0] == BACKBONE for k in flat_old))
   merged = {}
-  for key, new in ocp.tree.to_flat_dict(new_tree).items():
-    old = flat_old.get(key)
+  for key, new in flat_new.items():
+    old_key = key[1:] if into_backbone and key[0] == BACKBONE else key
+    old = flat_old.get(old_key)
     name = f"{collection}/{'/'.join(key)}"
+    if old is None and into_backbone and key[0] != BACKBONE:
+      merged[key] = np.asarray(new)  # A head the classification run does not have.
+      continue
     if old is None:
-      raise ValueError(f"init_from={path!r} has no variable {name}; it was trained "
-                       "with another architecture.")
+      raise ValueError(f"init_from={path!r} has no variable "
+                       f"{collection}/{'/'.join(old_key)} (for {name}); it was "
+                       "trained with another architecture. init_from takes a run "
+                       "of the same model, or of the backbone of a segmentation "
+                       "model.")
     old = np.asarray(old)
     if old.shape == new.shape:
       merged[key] = old
@@ -408,4 +427,8 @@ def merge_for_fine_tuning(new_tree: Any, old_tree: Any, path: str, collection: s
     else:
       raise ValueError(f"init_from: {name} has shape {old.shape} in {path!r} but "
                        f"{new.shape} in this model.")
+  if into_backbone:
+    logging.info("init_from: %s/backbone from the classification run %r; %s "
+                 "initialised fresh.", collection, path,
+                 ", ".join(sorted({k[0] for k in flat_new if k[0] != BACKBONE})))
   return ocp.tree.from_flat_dict(merged, target=new_tree)
