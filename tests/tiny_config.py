@@ -9,7 +9,7 @@ from vit_edge import recipes
 # Overrides that make each family small enough to compile in seconds.
 TINY_OVERRIDES = {
     "tformer_s": {"depths": (1, 1, 1, 1), "widths": (8, 16, 24, 32)},
-    "edgevit_xxs": {},
+    "edgevit_xxs": {"depths": (1, 1, 1, 1)},
     "deit_tiny_patch16": {"embed_dim": 32, "depth": 2, "num_heads": 2},
 }
 
