@@ -3,9 +3,10 @@ r"""Benchmark of the routed MobileViTv2 variants against the dense ones (Markdow
 Table 1, one row per model: parameters, MACs per image the graph computes
 (convolutions and matmuls, every expert slot included), MACs the tokens use,
 float TFLite size, 1-thread latency (median, LiteRT/XNNPACK, batch 1), the
-dropped-token rate at the eval capacity factor on embedded digits eval images
-(routed models), and top-1 when ``--workdirs`` names trained runs (otherwise the
-models are randomly initialised and there is no accuracy).
+dropped-token rate at the eval capacity factor on 16 eval images (routed models;
+the run's own eval split, or embedded digits), and top-1 when ``--workdirs``
+names trained runs (otherwise the models are randomly initialised and there is
+no accuracy).
 
 Table 2, one row per routed layer shape of ``--moe_model``: the TFLite time of the
 mixture-of-experts layer alone, with "gather" dispatch (the training form) and
@@ -48,10 +49,13 @@ DEFAULT_MODELS = ("mobilevitv2_100", "mobilevitv2_050", "mobilevitv2_moe_xs",
                   "mobilevitv2_moe_s")
 
 
-def _digits_images(image_size: int, count: int, mean, std) -> np.ndarray:
+def _eval_images(image_size: int, count: int, mean, std, run_config=None
+                 ) -> np.ndarray:
+  """The first `count` eval images of a run's data set, else of embedded digits."""
   from vit_edge import input_pipeline  # pylint: disable=g-import-not-at-top
   from vit_edge.export import data  # pylint: disable=g-import-not-at-top
-  config = data.digits_config(image_size, input_pipeline.DEFAULT_CROP_PCT, "bilinear")
+  config = run_config or data.digits_config(image_size, input_pipeline.DEFAULT_CROP_PCT,
+                                            "bilinear")
   batches = input_pipeline.create_eval_iterator(config, mean=mean, std=std,
                                                 local_batch_size=count)
   return data.first_images(batches, count)
@@ -85,7 +89,7 @@ def model_row(name: str, image_size: int, num_classes: int, out_dir: str,
     report = export.export_from_registry(name, path, image_size=image_size,
                                          num_classes=num_classes,
                                          num_parity_samples=4, max_eval_examples=0)
-    top1, mean, std = None, info.mean, info.std
+    top1, mean, std, config = None, info.mean, info.std, None
   exported = inference.export_model(model)  # What the .tflite file computes.
   stats = complexity.model_complexity(exported, image_size)
   used = stats.macs
@@ -93,7 +97,7 @@ def model_row(name: str, image_size: int, num_classes: int, out_dir: str,
     routed = mobilevitv2_moe.routed_complexity(exported, image_size)
     used = stats.macs - routed["computed"] + routed["used"]
   timing = latency.measure(path, num_threads=1, runs=runs, warmup=warmup)
-  images = _digits_images(image_size, 16, mean, std)
+  images = _eval_images(image_size, 16, mean, std, config)
   return {"model": name, "image_size": image_size, "params": stats.params,
           "macs": stats.macs, "macs_used": used, "size_mb": report.size_bytes / 1e6,
           "latency_ms": timing["median_ms"], "top1": top1,
