@@ -40,6 +40,11 @@ EXTRAS_REQUIRE["test"] += [
     "nbformat==5.10.4",
     "ipykernel==6.29.5",
 ]
+# Quantisation-aware training and its int8 export (vit_edge/compress/qat.py,
+# tests/test_qat.py skips without them). Opt-in, not in "test": litert-converter
+# 0.5.0 pins xdsl==0.28.0, which needs typing-extensions<4.13 and so downgrades
+# the stack's 4.16.0 to 4.12.2 (qwix alone changes nothing).
+EXTRAS_REQUIRE["qat"] = ["qwix==0.1.8", "litert-converter==0.5.0"]
 
 setuptools.setup(
     name="vit_edge",

@@ -40,6 +40,7 @@ from orbax.checkpoint._src.futures import future
 from orbax.checkpoint._src.futures import synchronization
 
 from vit_edge import rundir
+from vit_edge.compress import qat
 
 # The metric that ranks checkpoints for "keep the best".
 BEST_METRIC = rundir.BEST_METRIC
@@ -404,6 +405,9 @@ def merge_for_fine_tuning(new_tree: Any, old_tree: Any, path: str, collection: s
     name = f"{collection}/{'/'.join(key)}"
     if old is None and into_backbone and key[0] != BACKBONE:
       merged[key] = np.asarray(new)  # A head the classification run does not have.
+      continue
+    if old is None and collection == "batch_stats" and qat.is_range_statistic(key):
+      merged[key] = np.asarray(new)  # QAT ranges of a float run: start empty.
       continue
     if old is None:
       raise ValueError(f"init_from={path!r} has no variable "

@@ -31,6 +31,7 @@ import ml_collections
 
 from vit_edge import models
 from vit_edge import objectives
+from vit_edge.compress import qat
 
 # Published widths of MobileViTv2 -> (max lr, weight decay) at batch 1024.
 _MOBILEVITV2_LR_WD = {
@@ -104,6 +105,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
   # config.objective (the loss: cross_entropy, soft_kd, hard_token, feature,
   # relation, logit_map, joined by '+') and config.teacher (its run directory).
   c.update(objectives.default_config())
+  # Quantisation-aware training (vit_edge/compress/qat.py); off by default.
+  c.qat = qat.default_config()
   return c
 
 

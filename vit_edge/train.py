@@ -46,6 +46,7 @@ from vit_edge import objectives
 from vit_edge import optimizer
 from vit_edge import rundir
 from vit_edge import sharding
+from vit_edge.compress import qat
 from vit_edge.segmentation import metrics as segmentation_metrics
 
 State = dict[str, Any]
@@ -96,9 +97,15 @@ def _variables(state: State, params: Any) -> dict[str, Any]:
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the true class is among the k highest logits (no sort: a rank count)."""
+  """1.0 where the true class is among the k highest logits (no sort: a rank count).
+
+  Ties rank like argmax (the lower index first): a quantised model's logits tie
+  often, and counting every tie as a hit inflated its top-1 (26% vs argmax's 10%
+  for a 4-step QAT run).
+  """
   true_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-  rank = jnp.sum(logits > true_logit, axis=-1)
+  lower = jnp.arange(logits.shape[-1]) < labels[:, None]
+  rank = jnp.sum((logits > true_logit) | ((logits == true_logit) & lower), axis=-1)
   return (rank < k).astype(jnp.float32)
 
 
@@ -245,8 +252,8 @@ class Trainer:
           student_mean=self.model_info.mean, student_std=self.model_info.std)
     else:
       self.objective, teacher_variables = objectives.label_only(), {}
-    self.model = self.objective.adapt_student(
-        build_model(config, self.ds_info.num_classes))
+    self.model = qat.adapt(self.objective.adapt_student(
+        build_model(config, self.ds_info.num_classes)), config)
     self.objective.bind_shapes(self.model, config.image_size, teacher_variables)
     steps_per_epoch = max(1, self.ds_info.num_train_examples // config.batch_size)
     self.num_train_steps = (config.num_train_steps if config.num_train_steps > 0

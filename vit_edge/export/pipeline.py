@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 
+from vit_edge.compress import qat
 from vit_edge.export import convert
 from vit_edge.export import data
 from vit_edge.export import metadata as export_metadata_lib
@@ -116,7 +117,8 @@ def export(model, variables, out: str, *, metadata: dict[str, Any],
            max_eval_examples: Optional[int] = None, has_labels: bool = False,
            integer_io: bool = False, gelu: str = "tanh",
            serving: Optional[serving_lib.ServingSpec] = None,
-           int8_policy: quantize_lib.Int8Policy = quantize_lib.DEFAULT_POLICY
+           int8_policy: quantize_lib.Int8Policy = quantize_lib.DEFAULT_POLICY,
+           converter: Optional[Callable[..., bytes]] = None
            ) -> validate.ExportReport:
   """Converts, embeds metadata, checks parity, evaluates, then writes `out`.
 
@@ -142,6 +144,9 @@ def export(model, variables, out: str, *, metadata: dict[str, Any],
     serving: what the file serves (default: classification at the metadata's
       image_size); recorded in the metadata, every output checked.
     int8_policy: which ops of an int8 export stay float.
+    converter: ``converter(model, variables, spec) -> bytes`` in place of the
+      TensorFlow converter (the QAT route, :func:`vit_edge.compress.qat.to_tflite`);
+      `model` is then the model the file must reproduce.
 
   Returns:
     An :class:`~vit_edge.export.validate.ExportReport`.
@@ -161,10 +166,13 @@ def export(model, variables, out: str, *, metadata: dict[str, Any],
   spec = _spec_for(serving, metadata, parity_images)
   export_metadata_lib.check_required(metadata, spec)
   inputs = _parity_inputs(parity_images, spec, int(metadata.get("image_size", 0)))
-  tflite_model = convert.to_tflite(model, variables, quantize=quantize,
-                                   representative_data=representative_data,
-                                   integer_io=integer_io, gelu=gelu, serving=spec,
-                                   int8_policy=int8_policy)
+  if converter is not None:
+    tflite_model = converter(model, variables, spec)
+  else:
+    tflite_model = convert.to_tflite(model, variables, quantize=quantize,
+                                     representative_data=representative_data,
+                                     integer_io=integer_io, gelu=gelu, serving=spec,
+                                     int8_policy=int8_policy)
   meta = export_metadata_lib.export_metadata(metadata, spec, quantize=quantize,
                                              integer_io=integer_io, gelu=gelu)
   tflite_model = export_metadata_lib.add_metadata(tflite_model, meta)
@@ -261,8 +269,13 @@ def export_from_workdir(workdir: str, out: str, *, step: Optional[int] = None,
   metadata = export_metadata_lib.run_metadata(
       config, info, workdir, step=data.checkpoint_step(workdir, step), use_ema=use_ema,
       trained_image_size=trained_size)
+  converter = None
+  if quantize == "int8" and qat.enabled(config):
+    # A QAT run: the file carries the ranges learned in training (Qwix + LiteRT).
+    model, variables, converter = qat.export_parts(model, variables, config,
+                                                   integer_io=integer_io)
   representative = None
-  if quantize == "int8":
+  if quantize == "int8" and converter is None:
     representative = data.representative_from_config(config, mean, std,
                                                       num_calibration_samples)
   return export(model, variables, out, metadata=metadata, quantize=quantize,
@@ -270,7 +283,7 @@ def export_from_workdir(workdir: str, out: str, *, step: Optional[int] = None,
                 representative_data=representative, eval_batches=eval_batches,
                 max_eval_examples=max_eval_examples, has_labels=True,
                 integer_io=integer_io, gelu=gelu, serving=serving,
-                int8_policy=int8_policy)
+                int8_policy=int8_policy, converter=converter)
 
 
 def export_from_registry(name: str, out: str, *, image_size: Optional[int] = None,
