@@ -126,6 +126,7 @@ def test_compatible_changes_are_returned_and_recorded(tmp_path):
     ({"dataset": "imagefolder", "data_dir": "/data/cats"}, ["data_dir", "dataset"]),
     ({"ema_decay": 0.999}, ["ema_decay"]),
     ({"optim.grad_clip_norm": 0.0}, ["optim.grad_clip_norm"]),
+    ({"qat.enabled": True}, ["qat.enabled"]),
 ])
 def test_conflicts_are_refused_in_one_line(tmp_path, updates, fields):
   workdir = str(tmp_path)
@@ -172,6 +173,9 @@ def test_new_config_fields_are_compatible():
   saved.pop("init_from")  # A run saved before the field existed.
   (change,) = rundir.check_compatible(saved, _config())
   assert (change.field, change.old, change.new) == ("init_from", "<unset>", "")
+  saved.pop("qat")  # A float run from before QAT existed resumes without QAT.
+  assert [c.field for c in rundir.check_compatible(saved, _config())] == [
+      "init_from", "qat.enabled", "qat.layers"]
 
 
 def test_new_workdir_has_no_changes(tmp_path):

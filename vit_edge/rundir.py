@@ -73,6 +73,9 @@ INCOMPATIBLE_FIELDS = {
     # the student and sized by these fields.
     "objective.name": "another objective has other learned parameters",
     "objective.feature": "the feature projection is sized by the chosen features",
+    # Fake-quantised layers keep learned ranges in the saved batch_stats.
+    "qat.enabled": "turning QAT on or off changes the saved range statistics",
+    "qat.layers": "the saved range statistics belong to the quantised layers",
 }
 # Regularisation rates live in model_overrides but change no parameter shape.
 _COMPATIBLE_BELOW = ("model_overrides.drop_path_rate", "model_overrides.dropout_rate")
@@ -308,6 +311,10 @@ def _normalise(field: str, value: Any) -> Any:
     return bool(value and value > 0)  # Only on/off changes the optimizer state.
   if field == "ema_decay":
     return bool(value and value > 0)  # Only on/off changes the train state.
+  if field == "qat.enabled":
+    return value is True  # Runs from before config.qat existed trained in float.
+  if field == "qat.layers" and value is _MISSING:
+    return "weights"  # The default, what such a run would have had.
   return value
 
 
