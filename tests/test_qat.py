@@ -131,9 +131,6 @@ def test_an_op_the_quantiser_does_not_handle_is_named():
 
 def test_unlowered_ops_are_named():
   # A graph whose fake-quant composite the converter keeps (strict mode off).
-  from litert_converter.mlir import ir, passmanager  # pylint: disable=g-import-not-at-top
-  from litert_converter.mlir._mlir_libs import converter_api_ext as converter  # pylint: disable=g-import-not-at-top
-
   @jax.jit
   def fn(x):
     fq = jax.lax.composite(lambda x, **_: jnp.round(x * 10) / 10,
@@ -142,14 +139,7 @@ def test_unlowered_ops_are_named():
 
   exported = jax.export.export(fn, platforms=["cpu"])(
       jax.ShapeDtypeStruct((1, 4), jnp.float32))
-  context = ir.Context()
-  converter.prepare_mlir_context(context)
-  with context, ir.Location.unknown():
-    module = ir.Module.parse(exported.mlir_module())
-    options = converter.ConvertToTFLConfig()
-    options.qdq_conversion_mode = "STATIC"
-    converter.run_convert_to_tfl_passes(module, passmanager.PassManager(), options)
-    flat = converter.export_flatbuffer_to_bytes(module.operation)
+  flat = qat.convert_exported(exported, strict=False)  # Composites stay.
   with pytest.raises(ValueError, match="STABLEHLO_COMPOSITE"):
     qat.check_lowered(flat)
 

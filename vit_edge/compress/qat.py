@@ -303,8 +303,6 @@ def to_tflite(cmodel, variables: Any, image_size: int, channels: int = 3, *,
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from litert_converter.mlir import ir, passmanager  # pylint: disable=g-import-not-at-top
-  from litert_converter.mlir._mlir_libs import converter_api_ext as converter  # pylint: disable=g-import-not-at-top
   from vit_edge.export import serving as serving_lib  # pylint: disable=g-import-not-at-top
   from vit_edge.export import inference  # pylint: disable=g-import-not-at-top
   spec = serving or serving_lib.classification(image_size, channels)
@@ -321,20 +319,30 @@ def to_tflite(cmodel, variables: Any, image_size: int, channels: int = 3, *,
 
   args = [jax.ShapeDtypeStruct((1, *t.shape[1:]), t.dtype) for t in spec.inputs]
   exported = jax.export.export(jax.jit(fn), platforms=["cpu"])(*args)
+  tflite_model = convert_exported(exported, signature=(
+      spec.signature, [t.name for t in spec.inputs], names))
+  check_lowered(tflite_model)
+  return tflite_model
+
+
+def convert_exported(exported, *, strict: bool = True, signature=None) -> bytes:
+  """TFLite bytes of a ``jax.export`` result through litert-converter's static QDQ
+  conversion. `strict` runs LowerQuantAnnotationsPass, which lowers the
+  quant.fake_quant composites (without it they stay STABLEHLO_COMPOSITE ops);
+  `signature` is (name, input names, output names)."""
+  from litert_converter.mlir import ir, passmanager  # pylint: disable=g-import-not-at-top
+  from litert_converter.mlir._mlir_libs import converter_api_ext as converter  # pylint: disable=g-import-not-at-top
   context = ir.Context()
   converter.prepare_mlir_context(context)
   with context, ir.Location.unknown():
     module = ir.Module.parse(exported.mlir_module())
     options = converter.ConvertToTFLConfig()
     options.qdq_conversion_mode = "STATIC"
-    # Runs LowerQuantAnnotationsPass, which lowers the quant.fake_quant composites.
-    options.strict_qdq_mode = True
+    options.strict_qdq_mode = strict
     converter.run_convert_to_tfl_passes(module, passmanager.PassManager(), options)
-    converter.set_signature(module.operation, spec.signature,
-                            [t.name for t in spec.inputs], names)
-    tflite_model = converter.export_flatbuffer_to_bytes(module.operation)
-  check_lowered(tflite_model)
-  return tflite_model
+    if signature is not None:
+      converter.set_signature(module.operation, *signature)
+    return converter.export_flatbuffer_to_bytes(module.operation)
 
 
 def op_counts(tflite_model: bytes) -> collections.Counter:
