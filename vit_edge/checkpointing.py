@@ -386,7 +386,8 @@ def merge_for_fine_tuning(new_tree: Any, old_tree: Any, path: str, collection: s
   another shape stays as in `new_tree`; anything else is a ValueError naming the
   variable. A model whose variables live under ``backbone/`` (segmentation) takes
   a classification run of its backbone: ``backbone/x`` from the run's ``x``, its
-  decoder heads fresh (the run's classifier head is not used). Also used to place imported PyTorch weights into a fresh train state.
+  decoder heads fresh (the run's classifier head is not used). Also used to place
+  imported PyTorch weights into a fresh train state.
   Example: ``merge_for_fine_tuning(state["params"], old_params, "run", "params", 14)``.
   """
   from vit_edge.models import vit  # pylint: disable=g-import-not-at-top

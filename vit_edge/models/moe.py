@@ -137,9 +137,8 @@ def route(probs: jax.Array, num_selected: int, capacity: int) -> Routing:
                  slot=slot, kept=slot < capacity)
 
 
-def slot_table(routing: Routing, num_experts: int, capacity: int
-               ) -> tuple[jax.Array, jax.Array]:
-  """(token index [B, E, C] int32, filled [B, E, C] float) of every expert slot.
+def slot_table(routing: Routing, num_experts: int, capacity: int) -> jax.Array:
+  """The token index [B, E, C] int32 of every expert slot.
 
   Built without scatter: the product of one-hot(expert) and one-hot(slot) masks
   summed against the token indices (one batched matmul). An empty slot points at
@@ -153,8 +152,7 @@ def slot_table(routing: Routing, num_experts: int, capacity: int
   dispatch = jnp.einsum("bske,bskc->bsec", expert_mask, slot_mask)
   token_ids = jnp.broadcast_to(jnp.arange(s, dtype=jnp.float32), (b, s))
   table = jnp.einsum("bs,bsec->bec", token_ids, dispatch)
-  filled = jnp.sum(dispatch, axis=1)
-  return jnp.round(table).astype(jnp.int32), filled
+  return jnp.round(table).astype(jnp.int32)
 
 
 class MoeFfn(nn.Module):
@@ -273,7 +271,7 @@ class MoeFfn(nn.Module):
     w1, b1, w2, b2 = experts
     b, s, dim = tokens.shape
     e = self.num_experts
-    table, _ = slot_table(routing, e, capacity)
+    table = slot_table(routing, e, capacity)
     # Dispatch: gather each slot's token ([B*S, d] rows; batch offsets added).
     flat_tokens = tokens.reshape(b * s, dim)
     offsets = (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None]
