@@ -1,8 +1,8 @@
 """Segmentation benchmark on the embedded set: mIoU / mean Dice per head and backbone.
 
 Trains each configuration of configs/seg/embedded.py for ``--steps`` steps (same
-seed and data), then the logit-map distilled student from the first run as
-teacher, and prints a Markdown table. Short runs: the figures compare heads at a
+seed and data), then each ``--distill_students`` model again with logit-map
+distillation from the first run as teacher, and prints a Markdown table. Short runs: the figures compare heads at a
 fixed small budget, they are not converged accuracies.
 
     python -m vit_edge.segmentation.bench --steps=200 --workdir=/tmp/seg_bench
@@ -32,14 +32,13 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--workdir", default="/tmp/seg_bench")
   parser.add_argument("--models", default=",".join((TEACHER,) + STUDENTS))
-  parser.add_argument("--distill_student", default="fpn_edgevit_xxs",
-                      help="trained with logit-map distillation from the first model "
-                           "('' skips)")
+  parser.add_argument("--distill_students", default="fpn_edgevit_xxs",
+                      help="comma-separated models trained again with logit-map "
+                           "distillation from the first model ('' skips)")
   args = parser.parse_args(argv)
   rows = []
   runs = [(m, "") for m in args.models.split(",") if m]
-  if args.distill_student:
-    runs.append((args.distill_student, "distill"))
+  runs += [(m, "distill") for m in args.distill_students.split(",") if m]
   teacher_dir = os.path.join(args.workdir, runs[0][0])
   for model, extra in runs:
     config = recipes.segmentation_config(",".join(filter(None, [
