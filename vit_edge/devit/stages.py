@@ -10,6 +10,8 @@ config field, so ``--config.teacher.workdir=...`` etc. override them)::
     ensemble           the N sub-models stacked, fused, trained jointly with DEKD
                        workdir/devit/n{N}/ensemble (initialised from the sub-models
                        by ``python -m vit_edge.devit.assemble``)
+    single             baseline: one small ViT with the ensemble's parameter count,
+                       plain cross-entropy                workdir/devit/n{N}/single
 
 Arguments (comma-separated ``key=value``; big_vision style):
 ``n`` devices (default 2), ``k`` the device of a per-device stage, ``classes``
@@ -75,7 +77,8 @@ def run_dirs(options: dict[str, Any]) -> dict[str, Any]:
   return {"teacher": f"{options['root']}/teacher",
           "sub_teachers": [f"{base}/sub_teacher_{k}" for k in range(options["n"])],
           "submodels": [f"{base}/submodel_{k}" for k in range(options["n"])],
-          "ensemble_init": f"{base}/ensemble_init", "ensemble": f"{base}/ensemble"}
+          "ensemble_init": f"{base}/ensemble_init", "ensemble": f"{base}/ensemble",
+          "ensemble_nofail": f"{base}/ensemble_nofail", "single": f"{base}/single"}
 
 
 def _devit_fields(c: ml_collections.ConfigDict, options: dict[str, Any]) -> None:
@@ -146,3 +149,49 @@ def ensemble_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init_from = dirs["ensemble_init"]
     _devit_fields(c, options)
   return c
+
+
+def _param_count(model: str, num_classes: int, **overrides: Any) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_edge import complexity  # pylint: disable=g-import-not-at-top
+
+  module = models.create_model(model, num_classes=num_classes, image_size=32, **overrides)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  return complexity.count_params(shapes["params"])
+
+
+def single_width(options: dict[str, Any]) -> tuple[int, int]:
+  """(width, heads) of one DeiT of the sub-models' depth nearest the ensemble in size.
+
+  Widths are multiples of 32 with heads of about 64 channels (DeiT's head size);
+  the ensemble counted is the stacked sub-models plus the fusion head.
+  """
+  teacher_width = models.create_model(options["teacher"]).embed_dim
+  target = _param_count(
+      "devit_tiny_patch16", options["classes"], num_devices=options["n"], embed_dim=options["width"],
+      depth=options["depth"], num_heads=options["heads"],
+      distilled=options["distilled"], teacher_dim=teacher_width)
+  best = None
+  for width in range(options["width"], 4 * options["width"] * options["n"] + 1, 32):
+    heads = max(1, round(width / 64))
+    while width % heads:
+      heads -= 1
+    size = _param_count(_student_model(options), options["classes"], embed_dim=width,
+                        depth=options["depth"], num_heads=heads)
+    if best is None or abs(size - target) < best[0]:
+      best = (abs(size - target), width, heads)
+    if size > target:
+      break
+  return best[1], best[2]
+
+
+def single_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Baseline: one small ViT of the ensemble's size, plain CE, all classes."""
+  options = parse_arg(arg)
+  width, heads = single_width(options)
+  c = recipes.get_config(_student_model(options), "fashion")
+  with c.unlocked():
+    c.model_overrides.update(embed_dim=width, depth=options["depth"], num_heads=heads)
+  return c
+

@@ -209,44 +209,21 @@ def reconnect_table() -> None:
 
 
 def robustness_table() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vit_edge import input_pipeline  # pylint: disable=g-import-not-at-top
-  from vit_edge import train  # pylint: disable=g-import-not-at-top
+  from vit_edge.devit import evaluate  # pylint: disable=g-import-not-at-top
 
   rows = []
   for item in _ENSEMBLES.value:
     name, _, workdir = item.partition("=")
-    model, variables, config, info = train.load_trained_model(workdir)
-    n = model.num_devices
-    batches = input_pipeline.create_eval_iterator(
-        config, mean=info["mean"], std=info["std"], local_batch_size=250)
-    fuse = jax.jit(lambda v, t, p: model.apply(v, t, p, method="fuse")[0])
-    tokens_fn = jax.jit(lambda v, x: model.apply(v, x, method="device_tokens"))
-    patterns = [np.ones(n)] + [1 - np.eye(n)[k] for k in range(n)]
-    correct, seen = np.zeros(len(patterns)), 0
-    for batch in batches:
-      mask = batch["mask"] > 0
-      tokens = tokens_fn(variables, jnp.asarray(batch["image"]))
-      for i, pattern in enumerate(patterns):
-        presence = jnp.broadcast_to(jnp.asarray(pattern, jnp.float32),
-                                    (len(mask), n))
-        logits = np.asarray(fuse(variables, tokens, presence))
-        correct[i] += np.sum((logits.argmax(-1) == batch["label"]) & mask)
-      seen += int(mask.sum())
-      if _MAX_EVAL.value and seen >= _MAX_EVAL.value:
-        break
-    failout = config.model_overrides.get("failout_rate", 0.0)
-    rows.append((name, n, failout, seen, 100 * correct / seen))
-  n_max = max(r[1] for r in rows)
+    rows.append((name, evaluate.missing_device_accuracy(workdir, _MAX_EVAL.value)))
+  n_max = max(r.num_devices for _, r in rows)
   print("\nTop-1 (%) with every device, and with each single device missing:\n")
   print("| run | N | failout | images | all present | "
         + " | ".join(f"device {k} missing" for k in range(n_max)) + " |")
   print("|---|---|---|---|---|" + "---|" * n_max)
-  for name, n, failout, seen, acc in rows:
-    cells = [f"{a:.2f}" for a in acc[1:]] + ["-"] * (n_max - n)
-    print(f"| {name} | {n} | {failout} | {seen} | {acc[0]:.2f} | "
-          + " | ".join(cells) + " |")
+  for name, r in rows:
+    cells = [f"{a:.2f}" for a in r.device_missing] + ["-"] * (n_max - r.num_devices)
+    print(f"| {name} | {r.num_devices} | {r.failout} | {r.images} | "
+          f"{r.all_present:.2f} | " + " | ".join(cells) + " |")
 
 
 def main(argv):
