@@ -14,9 +14,7 @@ arg: comma-separated ``pruned=DIR`` (required), ``teacher=DIR``, ``steps=N``,
         --workdir=workdir/deit_pruned_ft
 """
 
-import os
-
-from vit_edge import rundir
+from vit_edge.compress import recipe
 
 
 def get_config(arg=None):
@@ -25,18 +23,7 @@ def get_config(arg=None):
   if unknown or "pruned" not in options:
     raise ValueError(f"configs/compress/finetune.py takes pruned=DIR[,teacher=DIR]"
                      f"[,steps=N][,epochs=E]; got {arg!r}.")
-  pruned = os.path.abspath(options["pruned"])
-  c = rundir.load_config(pruned)
-  c.init_from = pruned
-  if "steps" in options:
-    c.num_train_steps = int(options["steps"])
-  if "epochs" in options:
-    c.num_train_steps, c.num_epochs = 0, float(options["epochs"])
-  if "teacher" in options:
-    distilled = bool(c.model_overrides.get("distilled", False)) or "distilled" in c.model
-    c.objective.name = "hard_token" if distilled else "soft_kd"
-    if not distilled:
-      c.objective.tau = 4.0
-    c.objective.alpha = 0.5
-    c.teacher.workdir = os.path.abspath(options["teacher"])
-  return c
+  return recipe.finetune_config(
+      options["pruned"], teacher=options.get("teacher"),
+      steps=int(options["steps"]) if "steps" in options else None,
+      epochs=float(options["epochs"]) if "epochs" in options else None)
