@@ -94,3 +94,32 @@ def test_cli_names_the_layer_and_the_ratio_that_works(trained_deit, tmp_path, ca
   err = capsys.readouterr().err
   assert "blocks_0/attn" in err and "ratio <= 0.5" in err
   assert not os.path.exists(tmp_path / "p" / "checkpoints")
+
+
+def test_mac_budget_finds_the_smallest_ratio_that_fits(trained_deit, tmp_path):
+  from vit_edge import complexity  # pylint: disable=g-import-not-at-top
+  config = rundir.load_config(trained_deit)
+  full = complexity.model_macs(train.build_model(config, 10), config.image_size)
+  budget = 0.8 * full
+  summary = prune.prune_run(trained_deit, str(tmp_path / "p"), importance_method="l2",
+                            ratios=prune.Ratios(hidden=0.1), macs_budget=budget)
+  ratio = summary["ratios"]["hidden"]
+  assert summary["ratios"]["heads"] == 0.0  # only the kind that was given
+  assert summary["macs_after"] <= budget
+  pruned = rundir.load_config(str(tmp_path / "p"))
+  assert complexity.model_macs(train.build_model(pruned, 10),
+                               config.image_size) == summary["macs_after"]
+  # One step less pruning would not fit: the ratio is the smallest.
+  less = prune.prune_run(trained_deit, str(tmp_path / "q"), importance_method="l2",
+                         ratios=prune.Ratios(hidden=round(ratio - 0.01, 2)))
+  less_config = rundir.load_config(str(tmp_path / "q"))
+  assert complexity.model_macs(train.build_model(less_config, 10),
+                               config.image_size) > budget
+  del less
+
+
+def test_a_mac_budget_that_cannot_be_met_names_the_reachable_count(trained_deit, tmp_path):
+  with pytest.raises(prune.PruningError, match=r"MAC budget 1,000 cannot be met.*>= [\d,]+"):
+    prune.prune_run(trained_deit, str(tmp_path / "p"), importance_method="l2",
+                    ratios=prune.Ratios(), macs_budget=1000)
+  assert not os.path.exists(tmp_path / "p" / "checkpoints")

@@ -195,11 +195,13 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
                   num_calibration_samples: int = 200,
                   max_eval_examples: Optional[int] = None,
                   gelu: str = "tanh", reuse_exports: bool = False,
-                  profile_ops: bool = False) -> dict[str, Any]:
+                  profile_ops: bool = False, matmul: bool = True) -> dict[str, Any]:
   """Exports and measures every (model, mode, threads); see the module docstring.
 
   Returns:
-    ``{"rows": [Row, ...], "matmul": matmul_rate(...), "machine": {...}}``.
+    ``{"rows": [Row, ...], "matmul": matmul_rate(...), "machine": {...}}``;
+    with ``matmul=False`` the matmul rate is not measured (None; the rows'
+    matmul_fraction too).
 
   Example::
 
@@ -222,10 +224,11 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
   machine = {"processor": _cpu_name(), "cpus": os.cpu_count(),
              "python": platform.python_version(),
              "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
-  print(f"Measuring the fp32 matmul rate ({machine['processor']}) ...", flush=True)
-  matmul = matmul_rate(out_dir, runs=max(runs, 20), warmup=max(warmup, 5))
-  print(f"  {matmul['flops_per_s'] / 1e9:.1f} GFLOP/s ({matmul['shape']}).",
-        flush=True)
+  rate = None
+  if matmul:
+    print(f"Measuring the fp32 matmul rate ({machine['processor']}) ...", flush=True)
+    rate = matmul_rate(out_dir, runs=max(runs, 20), warmup=max(warmup, 5))
+    print(f"  {rate['flops_per_s'] / 1e9:.1f} GFLOP/s ({rate['shape']}).", flush=True)
   rows: list[Row] = []
   for name, workdir, run_config in entries:
     from_workdir = workdir is not None
@@ -264,8 +267,8 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
             size_mb=report.size_bytes / 1e6, median_ms=lat["median_ms"],
             p90_ms=lat["p90_ms"], min_ms=lat["min_ms"], peak_mb=lat["peak_mb"],
             speedup_vs_fp32=(fp32_ms[t] / lat["median_ms"] if t in fp32_ms else None),
-            matmul_fraction=2 * stats.macs / (lat["median_ms"] * 1e-3)
-            / matmul["flops_per_s"],
+            matmul_fraction=(2 * stats.macs / (lat["median_ms"] * 1e-3)
+                             / rate["flops_per_s"] if rate else None),
             top1_agreement=report.eval_top1_agreement,
             top1_accuracy=report.eval_top1_tflite,
             partitions=lat["delegate_partitions"],
@@ -275,7 +278,7 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
               f"{lat['p90_ms']:.2f} ms, peak {lat['peak_mb']:.1f} MB, "
               f"{lat['delegate_partitions']} XNNPACK partition(s)", flush=True)
   machine["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-  result = {"rows": rows, "matmul": matmul, "machine": machine,
+  result = {"rows": rows, "matmul": rate, "machine": machine,
             "settings": {"runs": runs, "warmup": warmup, "threads": list(threads),
                          "quantize": list(quantize_modes), "gelu": gelu}}
   _write_outputs(result, out_dir)
@@ -319,10 +322,12 @@ def _write_outputs(result: dict[str, Any], out_dir: str) -> None:
   rows = result["rows"]
   table = markdown_table(rows)
   rate = result["matmul"]
+  machine_rate = (
+      f"; single-thread fp32 matmul rate {rate['flops_per_s'] / 1e9:.1f} GFLOP/s "
+      f"({rate['method']}, best of {list(rate['per_shape'])}).\nmatmul frac = 2 * "
+      "MACs / median latency / that rate" if rate else "")
   header = (f"Machine: {result['machine']['processor']} ({result['machine']['cpus']} "
-            f"CPUs); single-thread fp32 matmul rate {rate['flops_per_s'] / 1e9:.1f} "
-            f"GFLOP/s ({rate['method']}, best of {list(rate['per_shape'])}).\n"
-            f"matmul frac = 2 * MACs / median latency / that rate. Peak MB = peak "
+            f"CPUs){machine_rate}. Peak MB = peak "
             f"RSS of the measuring subprocess minus its RSS after importing numpy "
             f"and LiteRT. Load average "
             f"start {result['machine']['loadavg_start']}, end "

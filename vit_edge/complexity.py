@@ -100,6 +100,14 @@ def jaxpr_macs(jaxpr: jax_core.Jaxpr) -> int:
   return total
 
 
+def model_macs(model: nn.Module, image_size: int, channels: int = 3) -> int:
+  """Conv and matmul MACs of one image through `model` (traced only: no compile)."""
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  return jaxpr_macs(closed.jaxpr)
+
+
 def model_complexity(model: nn.Module, image_size: int, batch_size: int = 1,
                      channels: int = 3) -> Complexity:
   """Params, conv/matmul MACs, XLA FLOPs and intermediate shapes of `model`."""

@@ -14,7 +14,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from vit_edge import main as main_lib
 from vit_edge.compress import recipe as recipe_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,6 +24,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The recipe's directory (one "
 _MEASURE = flags.DEFINE_bool("measure", True, "Measure every stage's TFLite file and "
                              "write table.md / table.json / pareto.png.")
 flags.mark_flags_as_required(["config", "workdir"])
+# What a wrong path or value raises (as vit_edge.main; its flags cannot be imported
+# beside these): one line, no traceback.
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
+                FloatingPointError)
 
 
 def _main(argv) -> None:
@@ -35,7 +38,7 @@ def _main(argv) -> None:
     if _MEASURE.value:
       rows = recipe_lib.measure(recipe)
       print(recipe_lib.write_table(recipe, rows))
-  except main_lib.USER_ERRORS as e:
+  except _USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -134,6 +134,46 @@ def select_units(groups: Sequence[groups_lib.Group], scores: Mapping[str, np.nda
   return keep
 
 
+def ratio_for_budget(groups: Sequence[groups_lib.Group], scores: Mapping[str, np.ndarray],
+                     macs_of: Any, budget: float, kinds: Sequence[str] = ("heads", "hidden"),
+                     scope: str = "layer") -> tuple[Ratios, int]:
+  """The smallest ratio (0.01 steps), shared by `kinds`, whose network fits `budget`.
+
+  `macs_of(keep)` gives the MACs of the network that keeps `keep`. Returns the
+  ratios and the MACs they give.
+
+  Raises:
+    PruningError: the budget is below what the largest ratio allowed gives (one
+      unit left in the smallest layer); the message names both MAC counts.
+  """
+  pruned = [g for g in groups if g.kind in kinds]
+  if not pruned:
+    raise PruningError(f"A MAC budget needs prunable units of kinds {list(kinds)}; "
+                       f"this model has {sorted({g.kind for g in groups})}.")
+  ratios = lambda r: Ratios(heads=r if "heads" in kinds else 0.0,
+                            hidden=r if "hidden" in kinds else 0.0, scope=scope)
+  macs = lambda r: int(macs_of(select_units(groups, scores, ratios(r))))
+  unpruned = macs(0.0)
+  if unpruned <= budget:
+    return ratios(0.0), unpruned
+  high = min(_largest_ratio(g.num_units) for g in pruned)
+  smallest = macs(high)
+  if smallest > budget:
+    raise PruningError(
+        f"MAC budget {budget:,.0f} cannot be met by pruning {'/'.join(kinds)}: the "
+        f"network computes {unpruned:,} MACs unpruned and {smallest:,} at the largest "
+        f"ratio {high} (one unit left in the smallest layer). Use a budget >= "
+        f"{smallest:,}, or prune more kinds of units.")
+  lo, hi = 0, int(round(high * 100))  # macs(lo/100) > budget >= macs(hi/100)
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if macs(mid / 100) <= budget:
+      hi = mid
+    else:
+      lo = mid
+  return ratios(hi / 100), macs(hi / 100)
+
+
 def _take(tree: Any, member: groups_lib.Member, indices: np.ndarray) -> Any:
   """`tree` with the member's tensor gathered at `indices` along its axis."""
   *parents, leaf = member.path
@@ -203,13 +243,17 @@ def _scoring_batches(config, model_info, num_batches: int, batch_size: int):
 
 def prune_run(workdir: str, out: str, *, importance_method: str, ratios: Ratios,
               num_batches: int = 4, batch_size: int = 64,
-              step: Optional[int] = None) -> dict[str, Any]:
+              step: Optional[int] = None, macs_budget: float = 0.0) -> dict[str, Any]:
   """Prunes the trained run `workdir` into the run directory `out`.
 
   `out` gets config.json (the same config with ``model_overrides.unit_widths`` and a
   ``pruning`` record), dataset_info.json and one checkpoint whose params, EMA params
   and BatchNorm statistics are sliced; evaluation, export and ``init_from`` read it
   like any run. Returns a summary: widths, parameter counts, scores.
+
+  With `macs_budget` > 0 the ratio is searched instead (`ratio_for_budget`): the
+  smallest one, for the kinds whose ratio in `ratios` is non-zero (both when
+  neither is), that brings the network to at most that many MACs per image.
 
   Example::
 
@@ -242,16 +286,29 @@ def prune_run(workdir: str, out: str, *, importance_method: str, ratios: Ratios,
     batches = _scoring_batches(config, models.get_model_info(config.model),
                                num_batches, batch_size)
   scores = importance.score_units(importance_method, model, variables, groups, batches)
-  keep = select_units(groups, scores, ratios)
-  widths = unit_widths(groups, keep)
 
   pruned_config = rundir.load_config(workdir)
   previous = dict(pruned_config.model_overrides.get("unit_widths", None) or {})
+
+  def macs_of(keep):
+    from vit_edge import complexity  # pylint: disable=g-import-not-at-top
+    pruned_config.model_overrides.unit_widths = {**previous, **unit_widths(groups, keep)}
+    return complexity.model_macs(
+        train.build_model(pruned_config, dataset_info["num_classes"]),
+        config.image_size)
+
+  budget_macs = None
+  if macs_budget:
+    kinds = [k for k in ("heads", "hidden") if getattr(ratios, k)] or ["heads", "hidden"]
+    ratios, budget_macs = ratio_for_budget(groups, scores, macs_of, macs_budget, kinds,
+                                           ratios.scope)
+  keep = select_units(groups, scores, ratios)
+  widths = unit_widths(groups, keep)
   pruned_config.model_overrides.unit_widths = {**previous, **widths}
   pruned_config.pruning = {
       "source": os.path.abspath(workdir), "importance": importance_method,
       "heads": ratios.heads, "hidden": ratios.hidden, "scope": ratios.scope,
-      "per_layer": dict(ratios.per_layer)}
+      "per_layer": dict(ratios.per_layer), "macs_budget": float(macs_budget)}
   trainer = train.Trainer(pruned_config, out, for_training=False)
   fresh = jax.device_get(trainer.fresh_state())
   new_state = dict(fresh, step=np.asarray(state["step"]),
@@ -268,6 +325,8 @@ def prune_run(workdir: str, out: str, *, importance_method: str, ratios: Ratios,
   count = lambda tree: int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
   summary = {"widths": widths, "params_before": count(state["params"]),
              "params_after": count(new_state["params"]),
+             "ratios": {"heads": ratios.heads, "hidden": ratios.hidden},
+             "macs_after": budget_macs,
              "scores": {k: v.tolist() for k, v in scores.items()},
              "kept": {k: v.tolist() for k, v in keep.items()}}
   with open(os.path.join(out, "pruning.json"), "w") as f:
@@ -311,6 +370,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--layer", action="append", default=[],
                       help="per-layer ratio KEY=RATIO (repeatable), e.g. blocks_3/mlp=0.25")
   parser.add_argument("--scope", default="layer", choices=("layer", "global"))
+  parser.add_argument("--macs_budget", type=float, default=0.0,
+                      help="MACs per image to prune down to (e.g. 2e8): searches the "
+                           "smallest ratio for the kinds given by --heads/--hidden "
+                           "(both when neither is given) instead of using them")
   parser.add_argument("--batches", type=int, default=4,
                       help="training batches for the taylor / hsic scores")
   parser.add_argument("--batch_size", type=int, default=64)
@@ -319,12 +382,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = prune_run(
         args.workdir, args.out, importance_method=args.importance,
         ratios=Ratios(args.heads, args.hidden, _parse_per_layer(args.layer), args.scope),
-        num_batches=args.batches, batch_size=args.batch_size)
+        num_batches=args.batches, batch_size=args.batch_size,
+        macs_budget=args.macs_budget)
   except (PruningError, FileNotFoundError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"Pruned {args.workdir} -> {args.out}: params {summary['params_before']:,} -> "
         f"{summary['params_after']:,}")
+  if summary["macs_after"] is not None:
+    print(f"MAC budget {args.macs_budget:,.0f}: ratios heads {summary['ratios']['heads']}, "
+          f"hidden {summary['ratios']['hidden']} -> {summary['macs_after']:,} MACs")
   print("unit_widths: " + json.dumps(summary["widths"]))
   return 0
 

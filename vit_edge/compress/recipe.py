@@ -206,8 +206,8 @@ class Recipe:
     summary = prune.prune_run(
         self.dir("student"), out, importance_method=p.importance,
         ratios=prune.Ratios(p.heads, p.hidden, dict(p.per_layer), p.scope),
-        num_batches=p.batches, batch_size=p.batch_size)
-    return {"params_before": summary["params_before"],
+        num_batches=p.batches, batch_size=p.batch_size, macs_budget=p.macs_budget)
+    return {"params_before": summary["params_before"], "ratios": summary["ratios"],
             "params_after": summary["params_after"], "widths": summary["widths"]}
 
   def _pruned_ft(self) -> dict:
@@ -269,10 +269,11 @@ def measure(recipe: Recipe, log: Callable[[str], None] = print) -> list[StageRow
         [], workdirs=[recipe.dir(stage)], quantize_modes=[mode], threads=[b.threads],
         runs=b.runs, warmup=b.warmup, out_dir=os.path.join(recipe.workdir, "bench", stage),
         num_calibration_samples=b.num_calibration_samples,
-        max_eval_examples=b.max_eval_examples or None, reuse_exports=True)
+        max_eval_examples=b.max_eval_examples or None, reuse_exports=True,
+        matmul=False)
     r = result["rows"][0]
     label = stage if mode == "none" else (
-        f"{stage} int8 (QAT)" if stage == "qat" else f"{stage} int8 (post-training)")
+        "qat int8" if stage == "qat" else f"{stage} int8 (post-training)")
     rows.append(StageRow(label, r.model, mode, r.params_m, r.gmacs, r.size_mb,
                          r.median_ms, r.top1_accuracy, r.top1_agreement))
   return rows
@@ -346,7 +347,9 @@ def recipe_config(teacher: str, student: str, objective: str = "soft_kd",
   c.student = recipes.distillation_config(student, objective, "", alpha=0.5, **soft)
   c.prune = ml_collections.ConfigDict({
       "importance": "taylor", "heads": 0.5, "hidden": 0.5, "scope": "layer",
-      "per_layer": {}, "batches": 4, "batch_size": 64})
+      "per_layer": {}, "batches": 4, "batch_size": 64,
+      # > 0: MACs per image to prune down to; the ratio is searched (prune_run).
+      "macs_budget": 0.0})
   c.finetune = ml_collections.ConfigDict({"epochs": 2.0, "distill": True})
   c.qat = ml_collections.ConfigDict({
       "epochs": 0.0 if "ptq" in options else 1.0, "lr": 5e-5, "min_lr": 1e-6,
