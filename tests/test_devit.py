@@ -99,6 +99,39 @@ def test_stage_configs_for_any_n():
     stages.submodel_config("n=2,k=2")
 
 
+def test_single_baseline_matches_the_ensemble_size():
+  options = stages.parse_arg("n=2")
+  assert stages.single_width(options) == (288, 4)
+  ensemble_size = stages._param_count(  # pylint: disable=protected-access
+      "devit_tiny_patch16", 10, num_devices=2, embed_dim=192, depth=12, num_heads=3,
+      teacher_dim=384)
+  single = stages.single_config("n=2")
+  size = stages._param_count(  # pylint: disable=protected-access
+      single.model, 10, **{k: single.model_overrides[k]
+                           for k in ("embed_dim", "depth", "num_heads")})
+  assert abs(size - ensemble_size) < 0.15 * ensemble_size
+  assert single.objective.name == "cross_entropy" and not single.teacher.workdir
+
+
+def test_pipeline_runs_every_stage_in_order_once(tmp_path, monkeypatch):
+  from vit_edge.devit import pipeline  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(pipeline.assemble, "assemble",
+                      lambda config: calls.append(("assemble", config.init_from)))
+  run = lambda config, workdir: calls.append((config.model, workdir)) or {"eval/top1": 0.5}
+  p = pipeline.Pipeline(f"root={tmp_path}", steps=3, run=run)
+  p.ensemble_n(2, nofail=True, single=True)
+  p.ensemble_n(4, nofail=False, single=False)
+  dirs = [c[1].replace(str(tmp_path) + "/", "") for c in calls]
+  assert dirs == ["teacher", "n2/sub_teacher_0", "n2/sub_teacher_1", "n2/submodel_0",
+                  "n2/submodel_1", "n2/ensemble_init", "n2/ensemble",
+                  "n2/ensemble_nofail", "n2/single",  # the teacher is trained once
+                  "n4/sub_teacher_0", "n4/sub_teacher_1", "n4/sub_teacher_2",
+                  "n4/sub_teacher_3", "n4/submodel_0", "n4/submodel_1",
+                  "n4/submodel_2", "n4/submodel_3", "n4/ensemble_init", "n4/ensemble"]
+  assert pipeline.main(["--n=0"]) == 2
+
+
 # ----------------------------------------------------------------------------------
 # The stacked ensemble.
 
