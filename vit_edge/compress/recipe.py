@@ -298,13 +298,16 @@ def pareto_plot(rows: list[StageRow], path: str, threads: int) -> None:
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   biggest = max(r.size_mb for r in rows)
-  for r in rows:
+  for i, r in enumerate(rows):
     top1 = 100 * (r.top1 or 0.0)
     ax.scatter([r.median_ms], [top1], s=40 + 800 * r.size_mb / biggest, alpha=0.6,
-               marker="D" if r.quantize == "int8" else "o")
-    ax.annotate(f"{r.stage}\n{r.size_mb:.1f} MB", (r.median_ms, top1), fontsize=7,
-                xytext=(5, 4), textcoords="offset points")
-  ax.set_xlabel(f"median latency, {threads} thread (ms, TFLite XNNPACK, batch 1)")
+               marker="D" if r.quantize == "int8" else "o", label=r.stage)
+    # Staggered labels: the compressed stages sit close together.
+    ax.annotate(f"{r.size_mb:.1f} MB", (r.median_ms, top1), fontsize=7,
+                xytext=(6, 10 - 9 * (i % 3)), textcoords="offset points")
+  ax.set_xscale("log")
+  ax.legend(fontsize=7, loc="lower right", markerscale=0.4)
+  ax.set_xlabel(f"median latency, {threads} thread (ms, log scale; TFLite XNNPACK, batch 1)")
   ax.set_ylabel("top-1 (%), TFLite on the eval split")
   ax.set_title("Compression recipe: accuracy vs latency (marker size: file size)")
   ax.grid(alpha=0.3)
