@@ -151,3 +151,13 @@ def test_config_seam_is_off_by_default():
   model = models.create_model("deit_tiny_patch16", num_classes=5, embed_dim=32,
                               depth=1, num_heads=2, image_size=SIZE, patch_size=16)
   assert qat.adapt(model, config) is model
+
+
+def test_a_family_the_converter_cannot_take_is_refused_before_training():
+  from tests import tiny_config  # pylint: disable=g-import-not-at-top
+  from vit_edge import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config.make("model=edgevit_xxs", **{"qat.enabled": True})
+  model = train.build_model(config, 10)
+  with pytest.raises(ValueError, match=r"QAT cannot export edgevit_xxs.*batch_matmul.*"
+                                       r"post-training int8"):
+    qat.adapt(model, config)

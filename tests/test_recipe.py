@@ -130,7 +130,7 @@ def test_recipe_configs_load(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("steps=5,ptq")
-  assert config.steps == 5 and config.qat.epochs == 0
+  assert config.steps == 5 and config.qat.epochs == 0  # ptq
   assert config.student.objective.name in ("soft_kd", "hard_token")
   assert config.teacher.dataset == config.student.dataset == "fashion_mnist"
   with pytest.raises(recipe_lib.RecipeError, match="unknown"):

@@ -198,7 +198,11 @@ def qat_model(model, params_or_shapes: Any, layers: str = "weights"):
       variables = qmodel.init(rng, images)  # params + batch_stats
   """
   qwix = _qwix()
-  return qwix.quantize_model(model, _providers()[0](rules(params_or_shapes, layers)))
+  # strict=False: ops Qwix does not handle (MobileViTv2's einsum resizes with a
+  # constant matrix) stay float instead of stopping the build; which layers are
+  # quantised is decided by `rules` and checked by check_supported.
+  return qwix.quantize_model(
+      model, _providers()[0](rules(params_or_shapes, layers), strict=False))
 
 
 def adapt(model, config: ml_collections.ConfigDict):
@@ -212,9 +216,13 @@ def adapt(model, config: ml_collections.ConfigDict):
     return model
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_edge.models import layers as layers_lib  # pylint: disable=g-import-not-at-top
+  # Qwix cannot see a depthwise kernel behind the custom gradient (layers.py).
+  layers_lib.use_fast_depthwise_gradient(False)
   layers = config.qat.get("layers", "weights")
   image_shape = (1, config.image_size, config.image_size, 3)
   check_supported(model, image_shape, layers)
+  check_convertible(model, image_shape, layers, config.model)
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jax.ShapeDtypeStruct(image_shape, jnp.float32))
   return qat_model(model, shapes["params"], layers)
@@ -290,7 +298,7 @@ def conversion_model(model, params: Any, batch_stats: Any, layers: str = "weight
   qwix = _qwix()
   stats, _ = split_stats(batch_stats)
   return qwix.quantize_model(
-      model, _providers()[1](rules(params, layers), params, stats))
+      model, _providers()[1](rules(params, layers), params, stats, strict=False))
 
 
 def to_tflite(cmodel, variables: Any, image_size: int, channels: int = 3, *,
@@ -421,6 +429,45 @@ def check_supported(model, image_shape: tuple[int, ...],
         "or `@`); it intercepts lax.dot_general, lax.conv_general_dilated, "
         "jnp.einsum and jnp.dot. Use flax.linen.Dense/Conv or one of those, or "
         "leave the layers out with config.qat.layers.")
+
+
+def check_convertible(model, image_shape: tuple[int, ...], layers: str = "weights",
+                      name: str = "") -> None:
+  """Converts the freshly initialised QAT model to int8 TFLite once, before training.
+
+  Qwix's conversion and litert-converter do not handle every model family
+  (measured: ViT/DeiT convert; EdgeViT stops in Qwix's conversion, MobileViTv2 in
+  the converter's batch-matmul lowering), and a failure found after hours of QAT
+  is a lost run. Raises ValueError naming the model and the failing step.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(1), image_shape, jnp.float32)
+  qmodel = qat_model(model, jax.eval_shape(model.init, jax.random.key(0), x)["params"],
+                     layers)
+  variables = qmodel.init(jax.random.key(0), x)
+  # One forward pass records ranges (after init their counts are 0: "not initialized").
+  _, updated = qmodel.apply(variables, x, train=False, mutable=["batch_stats"])
+  variables = {**variables, **updated}
+  stats, other = split_stats(variables.get("batch_stats", {}))
+  step = "Qwix's ODML conversion"
+  try:
+    cmodel = conversion_model(model, variables["params"], variables["batch_stats"], layers)
+    rest = {"params": variables["params"], **({"batch_stats": other} if other else {})}
+    jax.eval_shape(lambda v: cmodel.apply(v, x, train=False), rest)
+    step = "litert-converter"
+    to_tflite(cmodel, rest, image_shape[1], image_shape[-1])
+  except Exception as e:  # pylint: disable=broad-except
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    reason = next((l for l in lines if "error:" in l), lines[0] if lines else "")
+    raise ValueError(
+        f"QAT cannot export {name or type(model).__name__} to int8 TFLite: {step} "
+        f"failed on the freshly initialised model ({type(e).__name__}: "
+        f"{reason[:300]}). "
+        "Quantisation-aware training is supported for ViT/DeiT; for this model use "
+        "post-training int8 (python -m vit_edge.export --quantize=int8 on a float "
+        "run; in the compression recipe the 'ptq' argument).") from e
+  del stats
 
 
 def _kernel_ops(model, shapes: Any, x, layer_paths: list[str]) -> dict[str, str]:

@@ -330,8 +330,11 @@ def write_table(recipe: Recipe, rows: list[StageRow]) -> str:
 # -- configs (configs/compress/*.py) ------------------------------------------------
 
 def recipe_config(teacher: str, student: str, objective: str = "soft_kd",
-                  arg: Optional[str] = None) -> ml_collections.ConfigDict:
+                  arg: Optional[str] = None, qat: bool = True) -> ml_collections.ConfigDict:
   """A Fashion-MNIST recipe from the `teacher` to a pruned, int8 `student`.
+
+  `qat` False: post-training int8 (no QAT stage) by default, for students whose
+  QAT export the converter does not take yet (qat.check_convertible).
 
   `arg` (comma-separated): ``steps=N`` (every training stage N steps: quick runs),
   ``ptq`` (no QAT stage: post-training int8), ``teacher_workdir=DIR`` (reuse a
@@ -355,7 +358,7 @@ def recipe_config(teacher: str, student: str, objective: str = "soft_kd",
       "macs_budget": 0.0})
   c.finetune = ml_collections.ConfigDict({"epochs": 2.0, "distill": True})
   c.qat = ml_collections.ConfigDict({
-      "epochs": 0.0 if "ptq" in options else 1.0, "lr": 5e-5, "min_lr": 1e-6,
+      "epochs": 0.0 if "ptq" in options or not qat else 1.0, "lr": 5e-5, "min_lr": 1e-6,
       "layers": "weights"})
   c.bench = ml_collections.ConfigDict({
       "threads": 1, "runs": 50, "warmup": 10, "max_eval_examples": 2000,

@@ -274,6 +274,18 @@ def _depthwise_conv_bwd(strides, pads, residuals, g):
 _depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
 
 
+# Qwix's QAT interception (vit_edge/compress/qat.py) cannot see a kernel that
+# reaches lax through a custom_vjp (it stops with "expected to be an activation"),
+# so QAT turns the custom gradient off for the process: the values are the same,
+# only the backward pass is XLA's slower default.
+_FAST_DEPTHWISE_GRADIENT = {"enabled": True}
+
+
+def use_fast_depthwise_gradient(enabled: bool) -> None:
+  """Turns the custom depthwise gradient on or off for convs traced from now on."""
+  _FAST_DEPTHWISE_GRADIENT["enabled"] = bool(enabled)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1, precision=None,
@@ -285,7 +297,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   shifted multiply-add gradient above; every other conv goes to lax unchanged.
   Forward values are lax's own.
   """
-  if (precision is None and preferred_element_type is None
+  if (_FAST_DEPTHWISE_GRADIENT["enabled"]
+      and precision is None and preferred_element_type is None
       and _is_plain_depthwise(lhs, rhs, lhs_dilation, rhs_dilation,
                               dimension_numbers, feature_group_count,
                               batch_group_count)):
