@@ -130,6 +130,24 @@ def test_pipeline_runs_every_stage_in_order_once(tmp_path, monkeypatch):
                   "n4/sub_teacher_3", "n4/submodel_0", "n4/submodel_1",
                   "n4/submodel_2", "n4/submodel_3", "n4/ensemble_init", "n4/ensemble"]
   assert pipeline.main(["--n=0"]) == 2
+  calls.clear()
+  p = pipeline.Pipeline(f"root={tmp_path},sub_teachers=0", steps=3, run=run)
+  p.ensemble_n(2, nofail=False, single=False)
+  dirs = [c[1].replace(str(tmp_path) + "/", "") for c in calls]
+  assert dirs == ["teacher", "n2_no_sub_teachers/submodel_0",
+                  "n2_no_sub_teachers/submodel_1", "n2_no_sub_teachers/ensemble_init",
+                  "n2_no_sub_teachers/ensemble"]
+
+
+def test_without_sub_teachers_submodels_distil_from_the_teacher_on_their_classes():
+  subsets = decompose.class_subsets(10, 2)
+  for k in range(2):
+    sub = stages.submodel_config(f"n=2,k={k},sub_teachers=0,root=/r")
+    assert sub.teacher.workdir == "/r/teacher"
+    assert tuple(sub.teacher.classes) == tuple(sub.class_subset) == subsets[k]
+  with_sub = stages.submodel_config("n=2,k=0,root=/r")
+  assert with_sub.teacher.workdir == "/r/n2/sub_teacher_0"
+  assert tuple(with_sub.teacher.classes) == ()
 
 
 # ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from vit_edge import checkpointing
 from vit_edge import objectives
 from vit_edge import train
 from vit_edge.objectives import losses
+from vit_edge.objectives import teacher as teacher_lib
 from vit_edge.objectives import terms
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -243,3 +244,20 @@ def test_distillation_resumes_after_sigkill(tmp_path, teacher_dir):
            f"--config.teacher.workdir={teacher_dir}"]
   sigkill.assert_resume_matches_uninterrupted(_main_cmd, tmp_path, flags, kill_at=4,
                                               final_step=8, cwd=REPO)
+
+
+def test_teacher_classes_keep_the_students_logit_columns(teacher_dir):
+  full, variables = teacher_lib.load_teacher(
+      teacher_dir, student_image_size=32, student_mean=(0.5,) * 3,
+      student_std=(0.5,) * 3)
+  subset, _ = teacher_lib.load_teacher(
+      teacher_dir, student_image_size=32, student_mean=(0.5,) * 3,
+      student_std=(0.5,) * 3, classes=(7, 2, 5))
+  images = jnp.asarray(np.random.RandomState(0).randn(3, 32, 32, 3), jnp.float32)
+  all_logits, _ = full(variables, images)
+  logits, _ = subset(variables, images)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(all_logits)[:, [7, 2, 5]])
+  with pytest.raises(ValueError, match=r"classes \[10\].*0\.\.9"):
+    teacher_lib.load_teacher(teacher_dir, student_image_size=32,
+                             student_mean=(0.5,) * 3, student_std=(0.5,) * 3,
+                             classes=(1, 10))

@@ -11,7 +11,9 @@ each single device missing::
 
     python -m vit_edge.devit.pipeline --n=2,4 --root=workdir/devit
 
-Small settings for a smoke run (2-block models, 40 steps per stage)::
+Without sub-teachers (each sub-model distils from the teacher's logits restricted
+to its classes): ``--args=sub_teachers=0``. Small settings for a smoke run
+(2-block models, 40 steps per stage)::
 
     python -m vit_edge.devit.pipeline --n=2 --root=/tmp/devit_small \\
         --args=depth=2,width=64,heads=2,teacher_depth=2 --steps=40
@@ -67,7 +69,7 @@ class Pipeline:
     spec = self.spec(n=n)
     dirs = stages.run_dirs(stages.parse_arg(spec))
     self.stage("teacher", stages.teacher_config(spec), dirs["teacher"])
-    for k in range(n):
+    for k in range(n if stages.parse_arg(spec)["sub_teachers"] else 0):
       self.stage(f"sub-teacher {k}/{n}", stages.sub_teacher_config(f"{spec},k={k}"),
                  dirs["sub_teachers"][k])
     for k in range(n):

@@ -20,7 +20,9 @@ Arguments (comma-separated ``key=value``; big_vision style):
 ``distilled`` (1: DeDeiT sub-models with a distillation token), ``failout``
 (ensemble drop probability per device, default 0.25), ``root`` (default
 workdir/devit), ``teacher_depth`` (blocks of the teacher and sub-teachers; default
-the registered model's, e.g. 12; fewer for quick runs).
+the registered model's, e.g. 12; fewer for quick runs), ``sub_teachers`` (1, the
+paper's default; 0: no sub-teachers, each sub-model distils from the full-data
+teacher's logits restricted to its classes; run directories ``n{N}_no_sub_teachers``).
 
 Example::
 
@@ -39,7 +41,8 @@ from vit_edge.devit import decompose
 
 _DEFAULTS = {"n": "2", "k": "", "classes": "10", "teacher": "deit_small_patch16",
              "width": "192", "depth": "12", "heads": "3", "distilled": "0",
-             "failout": "0.25", "root": "workdir/devit", "teacher_depth": ""}
+             "failout": "0.25", "root": "workdir/devit", "teacher_depth": "",
+             "sub_teachers": "1"}
 
 
 def parse_arg(arg: str | None) -> dict[str, Any]:
@@ -56,7 +59,8 @@ def parse_arg(arg: str | None) -> dict[str, Any]:
   out = dict(options, n=int(options["n"]), classes=int(options["classes"]),
              width=int(options["width"]), depth=int(options["depth"]),
              heads=int(options["heads"]), distilled=options["distilled"] in ("1", "true"),
-             failout=float(options["failout"]))
+             failout=float(options["failout"]),
+             sub_teachers=options["sub_teachers"] in ("1", "true"))
   out["subsets"] = decompose.class_subsets(out["classes"], out["n"])
   return out
 
@@ -74,6 +78,8 @@ def _device(options: dict[str, Any]) -> int:
 def run_dirs(options: dict[str, Any]) -> dict[str, Any]:
   """The default run directory of every stage."""
   base = f"{options['root']}/n{options['n']}"
+  if not options["sub_teachers"]:  # Another experiment: its own directories.
+    base += "_no_sub_teachers"
   return {"teacher": f"{options['root']}/teacher",
           "sub_teachers": [f"{base}/sub_teacher_{k}" for k in range(options["n"])],
           "submodels": [f"{base}/submodel_{k}" for k in range(options["n"])],
@@ -122,10 +128,15 @@ def submodel_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Device k's small ViT, distilled from its sub-teacher (hard token + relation)."""
   options = parse_arg(arg)
   k = _device(options)
+  dirs = run_dirs(options)
+  teacher = dirs["sub_teachers"][k] if options["sub_teachers"] else dirs["teacher"]
   c = recipes.distillation_config(_student_model(options), "hard_token+relation",
-                                  run_dirs(options)["sub_teachers"][k], alpha=0.5)
+                                  teacher, alpha=0.5)
   with c.unlocked():
     c.class_subset = tuple(options["subsets"][k])
+    if not options["sub_teachers"]:
+      # The full-data teacher's logits, restricted to this device's classes.
+      c.teacher.classes = tuple(options["subsets"][k])
     c.model_overrides.update(embed_dim=options["width"], depth=options["depth"],
                              num_heads=options["heads"])
   return c

@@ -59,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
       "workdir": "",  # A run directory (training or import_torch).
       "step": -1,     # -1: the newest checkpoint.
       "use_ema": True,
+      # The teacher's logit columns the student's labels are, in order (empty:
+      # the same classes); e.g. DeViT's sub-models taught by the full teacher.
+      "classes": (),
   })
   return ml_collections.ConfigDict({"objective": objective, "teacher": teacher})
 
@@ -196,7 +199,8 @@ def create_objective(config: ml_collections.ConfigDict, *, student_image_size: i
     teacher, teacher_variables = teacher_lib.load_teacher(
         teacher_config.workdir, student_image_size=student_image_size,
         student_mean=student_mean, student_std=student_std, step=step,
-        use_ema=teacher_config.use_ema)
+        use_ema=teacher_config.use_ema,
+        classes=tuple(teacher_config.get("classes", ()) or ()))
     model = teacher.model
     for term in terms:
       model = term.adapt_teacher(model)

@@ -41,6 +41,9 @@ class Teacher:
   student_image_size: int
   student_mean: tuple[float, ...]
   student_std: tuple[float, ...]
+  # Logit columns kept, in the student's label order (empty: all). A teacher of
+  # all classes teaching a student of a class subset (DeViT without sub-teachers).
+  classes: tuple[int, ...] = ()
 
   def view(self, images: jax.Array) -> jax.Array:
     """The student's normalised batch as this teacher expects it."""
@@ -57,14 +60,20 @@ class Teacher:
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Eval-mode logits and intermediates, with no gradient into anything."""
     logits, aux = self.model.apply(variables, self.view(images), train=False)
+    if self.classes:
+      logits = logits[..., jnp.asarray(self.classes)]
     return jax.lax.stop_gradient((logits.astype(jnp.float32), aux))
 
 
 def load_teacher(workdir: str, *, student_image_size: int,
                  student_mean: Sequence[float], student_std: Sequence[float],
-                 step: Optional[int] = None, use_ema: bool = True
-                 ) -> tuple[Teacher, Any]:
-  """(Teacher, variables as host arrays) from a training or import_torch run dir."""
+                 step: Optional[int] = None, use_ema: bool = True,
+                 classes: Sequence[int] = ()) -> tuple[Teacher, Any]:
+  """(Teacher, variables as host arrays) from a training or import_torch run dir.
+
+  `classes`: the teacher's logit columns to keep, in the student's label order
+  (``config.teacher.classes``; empty keeps all).
+  """
   from vit_edge import train  # pylint: disable=g-import-not-at-top  (train imports us)
 
   if not workdir:
@@ -78,12 +87,20 @@ def load_teacher(workdir: str, *, student_image_size: int,
         "directory that holds config.json and checkpoints/.")
   model, variables, _, info = train.load_trained_model(workdir, step=step,
                                                        use_ema=use_ema)
+  num_classes = int(info["num_classes"])
+  bad = [c for c in classes if not 0 <= int(c) < num_classes]
+  if bad:
+    raise ValueError(
+        f"config.teacher.classes={tuple(classes)} names classes {bad} that the "
+        f"teacher in {workdir!r} does not have (it has {num_classes}: 0.."
+        f"{num_classes - 1}); list the student's classes as the teacher numbers them.")
   teacher = Teacher(
-      model=model, num_classes=int(info["num_classes"]),
+      model=model, num_classes=num_classes,
       image_size=int(info["image_size"]),
       mean=tuple(float(m) for m in info["mean"]),
       std=tuple(float(s) for s in info["std"]),
       student_image_size=int(student_image_size),
       student_mean=tuple(float(m) for m in student_mean),
-      student_std=tuple(float(s) for s in student_std))
+      student_std=tuple(float(s) for s in student_std),
+      classes=tuple(int(c) for c in classes))
   return teacher, variables
