@@ -139,8 +139,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="images for the missing-device columns (0: the whole split)")
   args = parser.parse_args(argv)
   try:
-    ns = [int(n) for n in args.n.split(",") if n]
-    if not ns or min(ns) < 1:
+    ns = [int(n) for n in args.n.split(",") if n.strip().isdigit()]
+    if len(ns) != len([n for n in args.n.split(",") if n]) or not ns or min(ns) < 1:
       raise ValueError(f"--n={args.n!r}: expected ensemble sizes >= 1, e.g. --n=2,4.")
     pipeline = Pipeline(",".join(filter(None, [args.args, f"root={args.root}"])), args.steps)
     for n in ns:
