@@ -18,6 +18,11 @@ calibrated on the embedded digits data; or, for each training run of
   in a fresh subprocess (:mod:`vit_edge.runtime.latency`);
 * peak memory: that subprocess's peak resident set minus its resident set after
   importing numpy and LiteRT (model, tensor arena, packed weights);
+* ``--quantize`` entries are export modes; ``int8:static`` / ``int8:dynamic``
+  choose how int8 quantises activations (:class:`vit_edge.export.Int8Policy`;
+  plain ``int8`` is the model's own choice, shown as ``int8:<its choice>``);
+* the relative logit error of the file on the parity images (mean
+  ``||logits_tflite - logits_jax|| / ||logits_jax||``);
 * top-1 agreement with JAX on the digits test split (360 images), and, for the
   model of each ``--workdirs`` run (an extra set of rows, exported from its
   checkpoint at its training resolution), agreement and top-1 accuracy on its
@@ -85,6 +90,7 @@ class Row:
   partitions: int
   undelegated: str
   source: str
+  logit_error: Optional[float] = None  # Mean ||l_tflite - l_jax|| / ||l_jax||.
 
 
 def _latency(path: str, threads: int, runs: int, warmup: int,
@@ -210,7 +216,7 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
   """
   from vit_edge import export  # pylint: disable=g-import-not-at-top
   for mode in quantize_modes:
-    export.check_quantize(mode)
+    split_mode(mode)
   if runs < 1 or warmup < 0 or not threads or min(threads) < 1:
     raise ValueError(f"runs={runs} must be >= 1, warmup={warmup} >= 0 and threads="
                      f"{list(threads)} positive.")
@@ -238,10 +244,13 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
     fp32_ms: dict[int, float] = {}
     for mode in quantize_modes:
       tag = "_ckpt" if from_workdir else ""
-      path = os.path.join(out_dir, f"{name}{tag}_{size}_{mode}.tflite")
+      path = os.path.join(out_dir,
+                          f"{name}{tag}_{size}_{mode.replace(':', '_')}.tflite")
       print(f"Exporting {name} at {size} ({mode}) ...", flush=True)
-      common = dict(quantize=mode, num_calibration_samples=num_calibration_samples,
-                    max_eval_examples=max_eval_examples, gelu=gelu)
+      quantize, activations = split_mode(mode)
+      common = dict(quantize=quantize, num_calibration_samples=num_calibration_samples,
+                    max_eval_examples=max_eval_examples, gelu=gelu,
+                    int8_policy=export.Int8Policy(activations=activations))
       report_path = path + ".json"
       if reuse_exports and os.path.exists(path) and os.path.exists(report_path):
         with open(report_path) as f:
@@ -261,8 +270,10 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
         lat = _latency(path, t, runs, warmup, profile_ops=profile_ops and t == 1)
         if mode == "none":
           fp32_ms[t] = lat["median_ms"]
+        label = mode if ":" in mode or not report.int8_activations else (
+            f"{mode}:{report.int8_activations}")
         rows.append(Row(
-            model=name, quantize=mode, threads=t, image_size=size,
+            model=name, quantize=label, threads=t, image_size=size,
             params_m=stats.params / 1e6, gmacs=stats.macs / 1e9,
             size_mb=report.size_bytes / 1e6, median_ms=lat["median_ms"],
             p90_ms=lat["p90_ms"], min_ms=lat["min_ms"], peak_mb=lat["peak_mb"],
@@ -273,7 +284,8 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
             top1_accuracy=report.eval_top1_tflite,
             partitions=lat["delegate_partitions"],
             undelegated=" ".join(f"{k}x{v}" for k, v in lat["undelegated_ops"].items()),
-            source="checkpoint" if from_workdir else "random init"))
+            source="checkpoint" if from_workdir else "random init",
+            logit_error=report.relative_logit_error))
         print(f"  {t} thread(s): median {lat['median_ms']:.2f} ms, p90 "
               f"{lat['p90_ms']:.2f} ms, peak {lat['peak_mb']:.1f} MB, "
               f"{lat['delegate_partitions']} XNNPACK partition(s)", flush=True)
@@ -283,6 +295,22 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
                          "quantize": list(quantize_modes), "gelu": gelu}}
   _write_outputs(result, out_dir)
   return result
+
+
+def split_mode(mode: str) -> tuple[str, str]:
+  """``"int8:dynamic"`` -> ("int8", "dynamic"); a plain mode -> (mode, "auto").
+
+  Raises:
+    ValueError: an unknown mode, or activations on a mode other than int8.
+  """
+  from vit_edge import export  # pylint: disable=g-import-not-at-top
+  quantize, _, activations = mode.partition(":")
+  export.check_quantize(quantize)
+  if activations and (quantize != "int8" or
+                      activations not in export.INT8_ACTIVATIONS):
+    raise ValueError(f"--quantize entry {mode!r}: only int8 takes activations, one "
+                     f"of {export.INT8_ACTIVATIONS} (e.g. int8:static).")
+  return quantize, activations or "auto"
 
 
 def _cpu_name() -> str:
@@ -304,7 +332,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
   """The rows as a Markdown table (what the CLI prints)."""
   header = ("| model | res | quant | thr | params (M) | GMACs | size (MB) | median ms | "
             "p90 ms | min ms | peak MB | x fp32 | matmul frac | top-1 agree | top-1 acc | "
-            "XNNPACK parts | off XNNPACK |")
+            "logit err | XNNPACK parts | off XNNPACK |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   for r in rows:
     model = r.model + (" (ckpt)" if r.source == "checkpoint" else "")
@@ -314,7 +342,8 @@ def markdown_table(rows: Sequence[Row]) -> str:
         f"{r.min_ms:.2f} | "
         f"{r.peak_mb:.1f} | {_fmt(r.speedup_vs_fp32, '.2f')} | "
         f"{_fmt(r.matmul_fraction, '.0%')} | {_fmt(r.top1_agreement, '.1%')} | "
-        f"{_fmt(r.top1_accuracy, '.1%')} | {r.partitions} | {r.undelegated or '-'} |")
+        f"{_fmt(r.top1_accuracy, '.1%')} | {_fmt(r.logit_error, '.3f')} | "
+        f"{r.partitions} | {r.undelegated or '-'} |")
   return "\n".join(lines)
 
 

@@ -111,7 +111,7 @@ from vit_edge.export.modes import (DEFAULT_NUM_CALIBRATION_SAMPLES,
                                    DEFAULT_NUM_PARITY_SAMPLES, GELU_MODES,
                                    QUANTIZE_MODES, check_gelu, check_quantize)
 from vit_edge.export.pipeline import export, export_from_registry, export_from_workdir
-from vit_edge.export.quantize import INT8_FLOAT_OPS, Int8Policy
+from vit_edge.export.quantize import INT8_ACTIVATIONS, INT8_FLOAT_OPS, Int8Policy
 from vit_edge.export.serving import (OutputSpec, ServingSpec, TensorSpec,
                                      classification, dense, features)
 from vit_edge.export.validate import (FLOAT_TOLERANCES, ExportReport, ParityError,
@@ -124,7 +124,7 @@ OUTPUT_NAMES = ("logits", "probs")
 __all__ = [
     "DEFAULT_NUM_CALIBRATION_SAMPLES", "DEFAULT_NUM_PARITY_SAMPLES",
     "ExportReport", "FLOAT_TOLERANCES", "GELU_MODES", "HasExportForm",
-    "INPUT_NAME", "INT8_FLOAT_OPS", "Int8Policy", "OUTPUT_NAMES", "OutputSpec",
+    "INPUT_NAME", "INT8_ACTIVATIONS", "INT8_FLOAT_OPS", "Int8Policy", "OUTPUT_NAMES", "OutputSpec",
     "ParityError", "QUANTIZE_MODES", "SIGNATURE_KEY", "ServingSpec", "TensorSpec",
     "add_metadata", "check_gelu", "check_parity", "check_quantize",
     "classification", "dense", "export", "export_from_registry",

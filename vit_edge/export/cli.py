@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from vit_edge import rundir
 from vit_edge.export import modes
 from vit_edge.export import pipeline
+from vit_edge.export import quantize as quantize_lib
 from vit_edge.export import validate
 
 
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="cap on the agreement/accuracy pass (0 skips it)")
   parser.add_argument("--integer_io", action="store_true",
                       help="with --quantize=int8: int8 input and outputs")
+  parser.add_argument("--int8_activations", default="auto",
+                      choices=quantize_lib.INT8_ACTIVATIONS,
+                      help="with --quantize=int8: static (calibrated per-tensor "
+                           "scales), dynamic (matmul inputs quantised per row at run "
+                           "time; ViT/DeiT's choice) or auto (the model's choice)")
   parser.add_argument("--gelu", default="tanh", choices=modes.GELU_MODES,
                       help="GELU in the exported graph: tanh (one fused TFLite op) "
                            "or exact (rational erf)")
@@ -77,7 +83,8 @@ def main(argv: Optional[Sequence[str]] = None) -> validate.ExportReport:
                 num_calibration_samples=args.num_calibration_samples,
                 num_parity_samples=args.num_parity_samples,
                 max_eval_examples=args.max_eval_examples,
-                integer_io=args.integer_io, gelu=args.gelu)
+                integer_io=args.integer_io, gelu=args.gelu,
+                int8_policy=quantize_lib.Int8Policy(activations=args.int8_activations))
   if args.workdir:
     out = args.out or _default_out(args.workdir, args.quantize)
     report = pipeline.export_from_workdir(args.workdir, out, step=args.step,

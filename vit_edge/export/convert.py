@@ -53,7 +53,8 @@ def to_tflite(model, variables, image_size: int = 0, channels: int = 3, *,
       the model) and integer-only kernels.
     gelu: "tanh" or "exact" (see :mod:`vit_edge.export.passes.gelu`).
     serving: what to serve (default: classification at `image_size`).
-    int8_policy: which ops of an int8 export stay float.
+    int8_policy: which ops of an int8 export stay float, and whether its
+      activations are static or dynamic (:class:`vit_edge.export.Int8Policy`).
 
   Returns:
     The flatbuffer bytes with the spec's signature (default ``serving_default``:
@@ -78,6 +79,10 @@ def to_tflite(model, variables, image_size: int = 0, channels: int = 3, *,
                      "(classification) needs the input side, e.g. "
                      "to_tflite(model, variables, 224); or pass serving=.")
   spec = serving or serving_lib.classification(image_size, channels)
+  if quantize == "int8" and quantize_lib.activation_scheme(
+      model, int8_policy, integer_io) == "dynamic":
+    # int8 weights, matmul inputs quantised per row at run time (quantize.py).
+    return _convert(_converter(model, variables, spec, gelu, "dynamic"), spec)
   converter = _converter(model, variables, spec, gelu, quantize)
   if quantize != "int8":
     return _convert(converter, spec)

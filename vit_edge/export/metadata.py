@@ -9,7 +9,7 @@ output means), so that :mod:`vit_edge.runtime` needs nothing but the file.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -85,13 +85,17 @@ def check_required(metadata: dict[str, Any], spec: serving_lib.ServingSpec) -> N
 
 
 def export_metadata(metadata: dict[str, Any], spec: serving_lib.ServingSpec, *,
-                    quantize: str, integer_io: bool, gelu: str) -> dict[str, Any]:
+                    quantize: str, integer_io: bool, gelu: str,
+                    int8_activations: Optional[str] = None) -> dict[str, Any]:
   """The caller's `metadata` plus what the export itself records.
 
   The keys of classification exports (``signature``, ``input``, ``outputs``,
-  ``input_shape``, ``layout``) keep their meaning; ``serving`` is additive.
+  ``input_shape``, ``layout``) keep their meaning; ``serving`` is additive, and
+  so is ``int8_activations`` ("static" or "dynamic", int8 files only).
   """
   first = spec.inputs[0]
+  if int8_activations is not None:
+    metadata = dict(metadata, int8_activations=int8_activations)
   return dict(metadata, metadata_version=metadata_lib.METADATA_VERSION,
               quantize=quantize, integer_io=bool(integer_io), gelu=gelu,
               signature=spec.signature, input=first.name,

@@ -166,6 +166,10 @@ def export(model, variables, out: str, *, metadata: dict[str, Any],
   spec = _spec_for(serving, metadata, parity_images)
   export_metadata_lib.check_required(metadata, spec)
   inputs = _parity_inputs(parity_images, spec, int(metadata.get("image_size", 0)))
+  activations = None
+  if quantize == "int8":  # The QAT converter carries learned static ranges.
+    activations = "static" if converter is not None else (
+        quantize_lib.activation_scheme(model, int8_policy, integer_io))
   if converter is not None:
     tflite_model = converter(model, variables, spec)
   else:
@@ -174,7 +178,8 @@ def export(model, variables, out: str, *, metadata: dict[str, Any],
                                      integer_io=integer_io, gelu=gelu, serving=spec,
                                      int8_policy=int8_policy)
   meta = export_metadata_lib.export_metadata(metadata, spec, quantize=quantize,
-                                             integer_io=integer_io, gelu=gelu)
+                                             integer_io=integer_io, gelu=gelu,
+                                             int8_activations=activations)
   tflite_model = export_metadata_lib.add_metadata(tflite_model, meta)
   expected = _jax_outputs(model, variables, spec, inputs)
   stats = validate.check_parity(tflite_model, expected, inputs, quantize, spec)
@@ -186,9 +191,10 @@ def export(model, variables, out: str, *, metadata: dict[str, Any],
   write_atomically(out, tflite_model)
   return validate.ExportReport(
       path=out, model=str(metadata["model"]), quantize=quantize,
-      size_bytes=len(tflite_model), num_parity_samples=len(next(iter(inputs.values()))),
+      int8_activations=activations, size_bytes=len(tflite_model), num_parity_samples=len(next(iter(inputs.values()))),
       max_abs_logit_diff=stats["max_abs_logit_diff"],
       max_abs_logit=stats["max_abs_logit"], tolerance=stats["tolerance"],
+      relative_logit_error=stats["relative_logit_error"],
       parity_top1_agreement=stats["top1_agreement"], seconds=time.time() - start,
       outputs=stats["outputs"], **evaluation)
 

@@ -30,6 +30,25 @@ Keeping an op float moves QUANTIZE/DEQUANTIZE pairs around it, which can push a
 neighbour off XNNPACK, so rules 1-3 are re-applied until nothing changes (at
 most :attr:`Int8Policy.max_rounds` rounds); rule 4 is measured once,
 after the structural rules of the first round.
+
+Activations (:attr:`Int8Policy.activations`). The rules above quantise every
+activation with one static scale per tensor, fitted on calibration images. A
+ViT's residual stream cannot take that: its class-token row starts ~100x below
+the patch rows (class token ~1e-6 at initialisation, position embedding 0.02), so
+one int8 step of the stream's scale is larger than the whole row, and the
+LayerNorm's ``E[x^2] - E[x]^2`` then loses the row's variance; every class token
+a classifier (or a DeViT device) reads comes out as noise (random-weight
+deit_tiny_patch16 at 224: 0% top-1 agreement with JAX). Keeping every op but
+the matmuls float does not cure it (18%): the per-tensor scales of the matmul
+outputs are the same problem one step later. ``"dynamic"`` activations are
+ONNX Runtime's matmul-only dynamic int8: int8 per-channel weights, and each
+FULLY_CONNECTED / CONV_2D quantises its input at run time, row by row (XNNPACK's
+qd8 kernels), while everything between the matmuls stays float. ``"auto"`` (the
+default) asks the model: a module class with ``int8_activations = "dynamic"``
+(:class:`vit_edge.models.vit.VisionTransformer`) gets that, the others
+(convolutional and hybrid families, whose static int8 agrees with float and is
+2.2-2.8x faster than it at 224) the static rules. Integer-only files (``integer_io``)
+are always static.
 """
 
 from __future__ import annotations
@@ -49,6 +68,8 @@ INT8_FLOAT_OPS = ("BATCH_MATMUL", "RSQRT", "SOFTMAX", "GELU")
 # Op types that carry a constant weight tensor.
 WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
 _BOOKKEEPING_OPS = ("QUANTIZE", "DEQUANTIZE", "DELEGATE")
+# How an int8 export quantises activations (see "Activations" above).
+INT8_ACTIVATIONS = ("auto", "static", "dynamic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +92,9 @@ class Int8Policy:
       float and leaves the rest (typically below 2) int8.
     num_debug_samples: calibration samples the debugger runs for rule 4.
     max_rounds: check-and-requantise rounds at most (rule 4 runs in the second).
+    activations: "static" (calibrated per-tensor scales, rules 1-4), "dynamic"
+      (matmul inputs quantised per row at run time, the rest float) or "auto"
+      (the model's ``int8_activations`` class attribute, else "static").
 
   Example::
 
@@ -85,8 +109,12 @@ class Int8Policy:
   max_error_steps: float = 5.0
   num_debug_samples: int = 8
   max_rounds: int = 4
+  activations: str = "auto"
 
   def __post_init__(self):
+    if self.activations not in INT8_ACTIVATIONS:
+      raise ValueError(f"Int8Policy: activations={self.activations!r} is not one of "
+                       f"{INT8_ACTIVATIONS} (e.g. --int8_activations=static).")
     if self.max_rounds < 2 or self.max_error_steps <= 0 or self.num_debug_samples < 0:
       raise ValueError(f"Int8Policy: max_rounds={self.max_rounds} must be >= 2 (the "
                        f"error check runs in round 2), max_error_steps="
@@ -95,6 +123,27 @@ class Int8Policy:
 
 
 DEFAULT_POLICY = Int8Policy()
+
+
+def activation_scheme(model, policy: Int8Policy = DEFAULT_POLICY,
+                      integer_io: bool = False) -> str:
+  """"static" or "dynamic": how an int8 export of `model` quantises activations.
+
+  Raises:
+    ValueError: "dynamic" asked for an integer-only file.
+
+  Example::
+
+      activation_scheme(VisionTransformer(...))   # "dynamic"
+  """
+  scheme = policy.activations
+  if scheme == "auto":
+    scheme = "static" if integer_io else getattr(model, "int8_activations", "static")
+  if scheme == "dynamic" and integer_io:
+    raise ValueError("int8_activations='dynamic' cannot make an integer-only file "
+                     "(integer_io=True): its matmuls take float inputs. Use "
+                     "--int8_activations=static (or auto) with --integer_io.")
+  return scheme
 
 
 def is_statistics_shaped(shape: Sequence[int]) -> bool:

@@ -72,6 +72,10 @@ class ExportReport:
     max_abs_logit_diff: max |out_tflite - out_jax| of the primary output (the
       logits, or the first declared float output) over them.
     max_abs_logit: max |out_jax| of that output.
+    relative_logit_error: mean over the parity samples of ||out_tflite -
+      out_jax|| / ||out_jax|| for that output.
+    int8_activations: "static" or "dynamic" for int8 files (None otherwise; see
+      :class:`vit_edge.export.Int8Policy`).
     tolerance: its allowed max difference (float exports), else None.
     parity_top1_agreement: fraction of parity samples with the same top-1 (of
       the logits; 1.0 without logits).
@@ -104,15 +108,21 @@ class ExportReport:
   eval_top1_jax: Optional[float] = None
   seconds: float = 0.0
   outputs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+  int8_activations: Optional[str] = None
+  relative_logit_error: Optional[float] = None
 
   def summary(self) -> str:
     """A few human-readable lines."""
     lines = [f"Wrote {self.path} ({self.size_bytes / 1e6:.2f} MB, {self.model}, "
-             f"quantize={self.quantize}) in {self.seconds:.1f} s.",
+             f"quantize={self.quantize}"
+             + (f", {self.int8_activations} activations" if self.int8_activations
+                else "") + f") in {self.seconds:.1f} s.",
              f"Parity on {self.num_parity_samples} images: max |dlogit| = "
              f"{self.max_abs_logit_diff:.3g} (max |logit| {self.max_abs_logit:.3g}"
              + (f", tolerance {self.tolerance:.3g}" if self.tolerance is not None
-                else ", quantised: no tolerance") +
+                else ", quantised: no tolerance")
+             + (f", relative error {self.relative_logit_error:.3g}"
+                if self.relative_logit_error is not None else "") +
              f"), {'pixel' if 'dense_logits' in self.outputs else 'top-1'} "
              f"agreement {self.parity_top1_agreement:.1%}."]
     others = {k: v for k, v in self.outputs.items() if k not in ("logits", "probs")}
@@ -138,8 +148,14 @@ def _output_stats(name: str, kind: str, got: np.ndarray, expected: np.ndarray,
   finite = bool(np.all(np.isfinite(got)))
   diff = np.abs(got.astype(np.float64) - expected)
   scale = float(np.max(np.abs(expected)))
+  # Per sample ||out_tflite - out_jax|| / ||out_jax||, averaged: how far a
+  # quantised file is from float where max-abs figures hide it.
+  per_sample = (np.linalg.norm(diff.reshape(len(diff), -1), axis=1) /
+                np.maximum(np.linalg.norm(expected.reshape(len(expected), -1), axis=1),
+                           1e-12))
   stats = {"max_abs_diff": float(np.max(diff)) if finite else float("inf"),
-           "max_abs": scale, "tolerance": None, "finite": finite}
+           "max_abs": scale, "tolerance": None, "finite": finite,
+           "relative_error": float(np.mean(per_sample)) if finite else float("inf")}
   if quantize in FLOAT_TOLERANCES:
     atol, rtol = FLOAT_TOLERANCES[quantize]
     stats["tolerance"] = atol + rtol * scale
@@ -202,6 +218,7 @@ def check_parity(tflite_model: bytes,
   stats = outputs[primary]
   return {"max_abs_logit_diff": stats["max_abs_diff"],
           "max_abs_logit": stats["max_abs"], "tolerance": stats["tolerance"],
+          "relative_logit_error": stats["relative_error"],
           "top1_agreement": agreement, "outputs": outputs}
 
 

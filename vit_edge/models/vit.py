@@ -26,7 +26,7 @@ dynamic-image-size, register-token, layer-scale, qk-norm and global-average-pool
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -198,6 +198,12 @@ class VisionTransformer(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   unit_widths: Optional[Mapping[str, int]] = None
+
+  # int8 exports quantise this family's matmul inputs per row at run time: its
+  # residual stream cannot take one static int8 scale per tensor, because the
+  # class token's row starts ~100x below the patch rows (vit_edge.export.quantize,
+  # "Activations").
+  int8_activations: ClassVar[str] = "dynamic"
 
   @property
   def num_prefix_tokens(self) -> int:
