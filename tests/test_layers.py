@@ -98,5 +98,9 @@ def test_model_gradients_unchanged(monkeypatch):
     b = reference
     for key in path:
       b = b[key.key]
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
+    # atol scales with the leaf: an entry much smaller than its neighbours is a
+    # difference of large float32 sums whose order XLA's threads may change (a CI
+    # run saw 3e-5 on a 0.067 BatchNorm-bias entry of a leaf reaching 23).
+    np.testing.assert_allclose(a, b, rtol=1e-4,
+                               atol=1e-5 * max(1.0, float(np.max(np.abs(b)))),
                                err_msg=jax.tree_util.keystr(path))
