@@ -266,12 +266,13 @@ def run_benchmark(model_names: Sequence[str], *, image_size: Optional[int] = 224
         with open(report_path, "w") as f:
           json.dump(dataclasses.asdict(report), f, indent=2)
         print("  " + report.summary().replace("\n", "\n  "), flush=True)
+      # A plain "int8" row names the form the model chose.
+      label = mode if ":" in mode or not report.int8_activations else (
+          f"{mode}:{report.int8_activations}")
       for t in threads:
         lat = _latency(path, t, runs, warmup, profile_ops=profile_ops and t == 1)
         if mode == "none":
           fp32_ms[t] = lat["median_ms"]
-        label = mode if ":" in mode or not report.int8_activations else (
-            f"{mode}:{report.int8_activations}")
         rows.append(Row(
             model=name, quantize=label, threads=t, image_size=size,
             params_m=stats.params / 1e6, gmacs=stats.macs / 1e9,

@@ -139,9 +139,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="images for the missing-device columns (0: the whole split)")
   args = parser.parse_args(argv)
   try:
-    ns = [int(n) for n in args.n.split(",") if n.strip().isdigit()]
-    if len(ns) != len([n for n in args.n.split(",") if n]) or not ns or min(ns) < 1:
+    sizes = [n.strip() for n in args.n.split(",") if n.strip()]
+    if not sizes or not all(n.isdigit() and int(n) >= 1 for n in sizes):
       raise ValueError(f"--n={args.n!r}: expected ensemble sizes >= 1, e.g. --n=2,4.")
+    ns = [int(n) for n in sizes]
     pipeline = Pipeline(",".join(filter(None, [args.args, f"root={args.root}"])), args.steps)
     for n in ns:
       pipeline.ensemble_n(n, args.nofail, args.single)

@@ -124,7 +124,8 @@ OUTPUT_NAMES = ("logits", "probs")
 __all__ = [
     "DEFAULT_NUM_CALIBRATION_SAMPLES", "DEFAULT_NUM_PARITY_SAMPLES",
     "ExportReport", "FLOAT_TOLERANCES", "GELU_MODES", "HasExportForm",
-    "INPUT_NAME", "INT8_ACTIVATIONS", "INT8_FLOAT_OPS", "Int8Policy", "OUTPUT_NAMES", "OutputSpec",
+    "INPUT_NAME", "INT8_ACTIVATIONS", "INT8_FLOAT_OPS", "Int8Policy", "OUTPUT_NAMES",
+    "OutputSpec",
     "ParityError", "QUANTIZE_MODES", "SIGNATURE_KEY", "ServingSpec", "TensorSpec",
     "add_metadata", "check_gelu", "check_parity", "check_quantize",
     "classification", "dense", "export", "export_from_registry",

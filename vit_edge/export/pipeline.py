@@ -8,6 +8,7 @@ metadata, calibration and parity images for a training run or a registry model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
@@ -167,9 +168,11 @@ def export(model, variables, out: str, *, metadata: dict[str, Any],
   export_metadata_lib.check_required(metadata, spec)
   inputs = _parity_inputs(parity_images, spec, int(metadata.get("image_size", 0)))
   activations = None
-  if quantize == "int8":  # The QAT converter carries learned static ranges.
-    activations = "static" if converter is not None else (
-        quantize_lib.activation_scheme(model, int8_policy, integer_io))
+  if quantize == "int8" and converter is not None:
+    activations = "static"  # The QAT converter carries learned static ranges.
+  elif quantize == "int8":  # Decided once here; the converter follows the policy.
+    activations = quantize_lib.activation_scheme(model, int8_policy, integer_io)
+    int8_policy = dataclasses.replace(int8_policy, activations=activations)
   if converter is not None:
     tflite_model = converter(model, variables, spec)
   else:
@@ -191,7 +194,8 @@ def export(model, variables, out: str, *, metadata: dict[str, Any],
   write_atomically(out, tflite_model)
   return validate.ExportReport(
       path=out, model=str(metadata["model"]), quantize=quantize,
-      int8_activations=activations, size_bytes=len(tflite_model), num_parity_samples=len(next(iter(inputs.values()))),
+      int8_activations=activations, size_bytes=len(tflite_model),
+      num_parity_samples=len(next(iter(inputs.values()))),
       max_abs_logit_diff=stats["max_abs_logit_diff"],
       max_abs_logit=stats["max_abs_logit"], tolerance=stats["tolerance"],
       relative_logit_error=stats["relative_logit_error"],
