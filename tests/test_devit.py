@@ -150,6 +150,21 @@ def test_without_sub_teachers_submodels_distil_from_the_teacher_on_their_classes
   assert tuple(with_sub.teacher.classes) == ()
 
 
+def test_a_seed_repeats_every_stage_but_the_teacher_in_its_own_directories():
+  seeded = {"sub_teacher": stages.sub_teacher_config("n=2,k=1,seed=3,root=/r"),
+            "submodel": stages.submodel_config("n=2,k=1,seed=3,root=/r"),
+            "ensemble": stages.ensemble_config("n=2,seed=3,root=/r"),
+            "single": stages.single_config("n=2,seed=3,root=/r")}
+  assert {name: c.seed for name, c in seeded.items()} == dict.fromkeys(seeded, 3)
+  assert stages.teacher_config("n=2,seed=3").seed == stages.teacher_config("n=2").seed
+  assert seeded["sub_teacher"].init_from == "/r/teacher"
+  assert seeded["submodel"].teacher.workdir == "/r/n2_seed3/sub_teacher_1"
+  assert seeded["ensemble"].init_from == "/r/n2_seed3/ensemble_init"
+  assert seeded["ensemble"].devit.submodel_workdirs == ["/r/n2_seed3/submodel_0",
+                                                        "/r/n2_seed3/submodel_1"]
+  assert stages.run_dirs(stages.parse_arg("root=/r"))["single"] == "/r/n2/single"
+
+
 # ----------------------------------------------------------------------------------
 # The stacked ensemble.
 

@@ -22,7 +22,9 @@ Arguments (comma-separated ``key=value``; big_vision style):
 workdir/devit), ``teacher_depth`` (blocks of the teacher and sub-teachers; default
 the registered model's, e.g. 12; fewer for quick runs), ``sub_teachers`` (1, the
 paper's default; 0: no sub-teachers, each sub-model distils from the full-data
-teacher's logits restricted to its classes; run directories ``n{N}_no_sub_teachers``).
+teacher's logits restricted to its classes; run directories ``n{N}_no_sub_teachers``),
+``seed`` (default 0: the training seed of every stage but the teacher, which all
+seeds share; another seed runs in ``n{N}_seed{S}``, for the seed-to-seed spread).
 
 Example::
 
@@ -42,7 +44,7 @@ from vit_edge.devit import decompose
 _DEFAULTS = {"n": "2", "k": "", "classes": "10", "teacher": "deit_small_patch16",
              "width": "192", "depth": "12", "heads": "3", "distilled": "0",
              "failout": "0.25", "root": "workdir/devit", "teacher_depth": "",
-             "sub_teachers": "1"}
+             "sub_teachers": "1", "seed": "0"}
 
 
 def parse_arg(arg: str | None) -> dict[str, Any]:
@@ -60,7 +62,8 @@ def parse_arg(arg: str | None) -> dict[str, Any]:
              width=int(options["width"]), depth=int(options["depth"]),
              heads=int(options["heads"]), distilled=options["distilled"] in ("1", "true"),
              failout=float(options["failout"]),
-             sub_teachers=options["sub_teachers"] in ("1", "true"))
+             sub_teachers=options["sub_teachers"] in ("1", "true"),
+             seed=int(options["seed"]))
   out["subsets"] = decompose.class_subsets(out["classes"], out["n"])
   return out
 
@@ -80,6 +83,8 @@ def run_dirs(options: dict[str, Any]) -> dict[str, Any]:
   base = f"{options['root']}/n{options['n']}"
   if not options["sub_teachers"]:  # Another experiment: its own directories.
     base += "_no_sub_teachers"
+  if options["seed"]:  # A repeat for the seed-to-seed spread; the teacher is shared.
+    base += f"_seed{options['seed']}"
   return {"teacher": f"{options['root']}/teacher",
           "sub_teachers": [f"{base}/sub_teacher_{k}" for k in range(options["n"])],
           "submodels": [f"{base}/submodel_{k}" for k in range(options["n"])],
@@ -117,6 +122,7 @@ def sub_teacher_config(arg: str | None = None) -> ml_collections.ConfigDict:
   with c.unlocked():
     c.class_subset = tuple(options["subsets"][k])
     c.init_from = run_dirs(options)["teacher"]
+    c.seed = options["seed"]
   return c
 
 
@@ -139,6 +145,7 @@ def submodel_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.teacher.classes = tuple(options["subsets"][k])
     c.model_overrides.update(embed_dim=options["width"], depth=options["depth"],
                              num_heads=options["heads"])
+    c.seed = options["seed"]
   return c
 
 
@@ -159,6 +166,7 @@ def ensemble_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.teacher.workdir = dirs["teacher"]
     c.init_from = dirs["ensemble_init"]
     _devit_fields(c, options)
+    c.seed = options["seed"]
   return c
 
 
@@ -204,5 +212,6 @@ def single_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = recipes.get_config(_student_model(options), "fashion")
   with c.unlocked():
     c.model_overrides.update(embed_dim=width, depth=options["depth"], num_heads=heads)
+    c.seed = options["seed"]
   return c
 
