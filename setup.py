@@ -46,6 +46,16 @@ EXTRAS_REQUIRE["test"] += [
 # the stack's 4.16.0 to 4.12.2 (qwix alone changes nothing).
 EXTRAS_REQUIRE["qat"] = ["qwix==0.1.8", "litert-converter==0.5.0"]
 
+# The peer benchmark (python -m vit_edge.tools.bench_peers): the reference PyTorch
+# models (timm; EdgeViT's official file is passed by path), ONNX Runtime fp32 and
+# int8. Never needed by the package. timm imports torchvision, and PyPI's
+# torchvision only loads beside the torch release it was built for, so the two are
+# pinned as a pair: 2.14.1/0.29.1 (the "PyTorch 2.14"; on x86_64 PyPI
+# serves CUDA builds, which run on the CPU). onnx 1.23.2 / onnxruntime 1.32.0 /
+# onnxscript 0.7.2 (torch.onnx's exporter) resolve with them on Python 3.11.
+EXTRAS_REQUIRE["peers"] = ["torch==2.14.1", "torchvision==0.29.1", "timm==1.0.31",
+                           "onnx==1.23.2", "onnxruntime==1.32.0", "onnxscript==0.7.2"]
+
 setuptools.setup(
     name="vit_edge",
     version="0.1.0",

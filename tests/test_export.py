@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -162,6 +163,30 @@ def test_fp16_and_dynamic_exports(quantize, tmp_path):
   assert os.path.exists(out) and report.num_eval_examples == 0
   if quantize == "fp16":
     assert report.max_abs_logit_diff <= report.tolerance
+
+
+def test_registry_export_of_given_variables(tmp_path):
+  """Weights from elsewhere (the peer benchmark's ported PyTorch weights) export as given."""
+  model = models.create_model("tformer_s", num_classes=10, **TINY_TFORMER)
+  variables = model.init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))
+  variables = jax.tree_util.tree_map(lambda v: v + 0.01, variables)
+  out = str(tmp_path / "given.tflite")
+  export.export_from_registry("tformer_s", out, image_size=32, num_classes=10,
+                              num_parity_samples=2, max_eval_examples=0,
+                              overrides=TINY_TFORMER, variables=variables)
+  image = np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype(np.float32)
+  expected, _ = model.apply(variables, image, train=False)
+  np.testing.assert_allclose(classifier.TFLiteModel(out).predict(image)["logits"],
+                             expected, atol=1e-4)
+  assert metadata_lib.read_metadata(out)["source"]["given_variables"] is True
+  wide = models.create_model("tformer_s", num_classes=12, **TINY_TFORMER)
+  with pytest.raises(ValueError, match=r"variables do not fit TFormer at 32x32: .*head"
+                                       r".*expected \(10,\), got \(12,\)"):
+    export.export_from_registry(
+        "tformer_s", str(tmp_path / "bad.tflite"), image_size=32, num_classes=10,
+        overrides=TINY_TFORMER,
+        variables=wide.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  assert not (tmp_path / "bad.tflite").exists()
 
 
 def test_parity_failure_writes_nothing(tmp_path, monkeypatch):

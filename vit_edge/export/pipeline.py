@@ -296,6 +296,21 @@ def export_from_workdir(workdir: str, out: str, *, step: Optional[int] = None,
                 int8_policy=int8_policy, converter=converter)
 
 
+def _check_variable_shapes(model, size: int, variables: dict[str, Any]) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  shape_of = lambda tree: {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+                           jax.tree_util.tree_leaves_with_path(tree)}
+  want, got = shape_of(expected), shape_of(variables)
+  if want != got:
+    wrong = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+    raise ValueError(f"variables do not fit {type(model).__name__} at {size}x{size}: "
+                     + "; ".join(f"{k}: expected {want.get(k)}, got {got.get(k)}"
+                                 for k in wrong[:5])
+                     + f" ({len(wrong)} in all). Build them for this model and size.")
+
+
 def export_from_registry(name: str, out: str, *, image_size: Optional[int] = None,
                          num_classes: int = 1000, quantize: str = "none",
                          calibration: str = "digits",
@@ -307,7 +322,8 @@ def export_from_registry(name: str, out: str, *, image_size: Optional[int] = Non
                          overrides: Optional[dict[str, Any]] = None,
                          serving: Optional[serving_lib.ServingSpec] = None,
                          int8_policy: quantize_lib.Int8Policy = (
-                             quantize_lib.DEFAULT_POLICY)
+                             quantize_lib.DEFAULT_POLICY),
+                         variables: Optional[dict[str, Any]] = None
                          ) -> validate.ExportReport:
   """Exports a randomly initialised registry model (benchmarks, smoke tests).
 
@@ -334,6 +350,9 @@ def export_from_registry(name: str, out: str, *, image_size: Optional[int] = Non
     overrides: model field overrides for create_model (e.g. narrow test models).
     serving: an image-input spec (default: classification).
     int8_policy: which ops of an int8 export stay float.
+    variables: the model's variables in place of a random init, e.g. PyTorch
+      weights ported with the family's ``convert_torch_state_dict`` (the peer
+      benchmark); their shapes must be the model's.
 
   Returns:
     An :class:`~vit_edge.export.validate.ExportReport`.
@@ -361,7 +380,11 @@ def export_from_registry(name: str, out: str, *, image_size: Optional[int] = Non
   if info.fixed_resolution:
     overrides.setdefault("image_size", size)
   model = models.create_model(name, num_classes=num_classes, **overrides)
-  variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
+  given_variables = variables is not None
+  if variables is None:
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
+  else:
+    _check_variable_shapes(model, size, variables)
   if serving is None and info.family == "segmentation":
     serving = serving_lib.dense(size)
   crop_pct, interpolation = input_pipeline.DEFAULT_CROP_PCT, "bilinear"
@@ -389,7 +412,8 @@ def export_from_registry(name: str, out: str, *, image_size: Optional[int] = Non
       "label_names": [str(i) for i in range(num_classes)],
       "image_size": size, "mean": list(info.mean), "std": list(info.std),
       "crop_pct": crop_pct, "interpolation": interpolation, "dataset": None,
-      "source": {"random_init_seed": seed, "overrides": {
+      "source": {"random_init_seed": None if given_variables else seed,
+                 "given_variables": given_variables, "overrides": {
           k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}},
   }
   return export(model, variables, out, metadata=metadata, quantize=quantize,

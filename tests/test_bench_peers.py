@@ -1,0 +1,74 @@
+"""The peer benchmark (vit_edge.tools.bench_peers).
+
+Its engines need the optional `.[peers]` extra (torch, timm, onnxruntime), which CI
+does not install: those tests skip without it; the rest run everywhere.
+"""
+
+import json
+import sys
+
+import pytest
+
+from vit_edge.tools import bench_peers
+
+
+def _row(model, threads, ms, train=None):
+  row = {"model": model, "image_size": 224, "threads": threads,
+         "ms": dict(zip(bench_peers.ENGINES, ms))}
+  if train:
+    row["train_img_s"] = dict(zip(("jax", "torch"), train))
+  return row
+
+
+def test_table_gives_the_issue_ratios():
+  report = {"torch_jax_max_abs_logit_diff": 2e-6,
+            "tflite_int8": {"int8_activations": "dynamic", "relative_logit_error": 0.02}}
+  # torch, ORT fp32, ORT int8 dynamic, ORT int8 static, TFLite fp32, TFLite int8.
+  rows = [_row("deit_tiny_patch16", 1, (30.0, 10.0, 6.0, 4.0, 8.0, 3.0), (12.0, 16.0)),
+          _row("deit_tiny_patch16", 2, (20.0, 6.0, 3.0, 5.0, 6.6, 1.5))]
+  lines = bench_peers.table(rows, {"deit_tiny_patch16": report}).splitlines()
+  cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+  head = cells[0]
+  one, two = (dict(zip(head, c)) for c in cells[2:])
+  assert one["TFLite/ORT fp32"] == "0.80" and two["TFLite/ORT fp32"] == "1.10"
+  # Against the better of ONNX Runtime's two int8 forms.
+  assert one["TFLite int8/best ORT int8"] == "0.75" and two["TFLite int8/best ORT int8"] == "0.50"
+  assert one["JAX/torch train"] == "0.75" and two["JAX/torch train"] == "-"
+  assert one["TFLite int8 form, rel. logit err"] == "dynamic, 0.020"
+
+
+def test_without_the_extra_it_says_how_to_install_it(monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, "torch", None)
+  assert bench_peers.main(["--models=deit_tiny_patch16"]) == 2
+  assert "pip install -e '.[peers]'" in capsys.readouterr().err
+
+
+def test_bad_arguments_are_clear_errors(capsys, tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("timm")
+  pytest.importorskip("onnxruntime")
+  out = f"--out_dir={tmp_path}"
+  assert bench_peers.main(["--models=resnet50", out]) == 2
+  assert "no PyTorch reference for 'resnet50'" in capsys.readouterr().err
+  assert bench_peers.main(["--models=edgevit_xxs", out]) == 2
+  assert "--edgevit_src=<clone>/src/edgevit.py" in capsys.readouterr().err
+  assert bench_peers.main(["--models=tformer_s", "--threads=0", out]) == 2
+  assert "expected counts >= 1" in capsys.readouterr().err
+
+
+def test_a_small_run_ports_the_weights_and_times_every_engine(tmp_path, capsys):
+  pytest.importorskip("torch")
+  pytest.importorskip("timm")
+  pytest.importorskip("onnxruntime")
+  assert bench_peers.main(["--models=tformer_s", "--image_size=32", "--threads=1",
+                           "--runs=2", "--warmup=1", "--rounds=1", "--train_steps=1",
+                           "--train_batch=2", "--calibration_samples=8",
+                           f"--out_dir={tmp_path}"]) == 0
+  with open(tmp_path / "results.json") as f:
+    result = json.load(f)
+  (row,) = result["rows"]
+  assert set(row["ms"]) == set(bench_peers.ENGINES) and all(row["ms"].values())
+  assert set(row["train_img_s"]) == {"jax", "torch"}
+  # PyTorch's TFormer and vit_edge's compute the same function on the same weights.
+  assert result["reports"]["tformer_s"]["torch_jax_max_abs_logit_diff"] < 1e-4
+  assert "| tformer_s | 32 | 1 |" in capsys.readouterr().out
