@@ -54,6 +54,9 @@ def test_bad_arguments_are_clear_errors(capsys, tmp_path):
   assert "--edgevit_src=<clone>/src/edgevit.py" in capsys.readouterr().err
   assert bench_peers.main(["--models=tformer_s", "--threads=0", out]) == 2
   assert "expected counts >= 1" in capsys.readouterr().err
+  assert bench_peers.main(["--models=tformer_s", "--train_models=deit_tiny_patch16",
+                           out]) == 2
+  assert "must be 'all' or a subset of --models" in capsys.readouterr().err
 
 
 def test_a_small_run_ports_the_weights_and_times_every_engine(tmp_path, capsys):

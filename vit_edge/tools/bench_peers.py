@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--train_steps", type=int, default=2,
                  help="timed train steps per round (0: no training columns)")
   p.add_argument("--train_batch", type=int, default=32)
+  p.add_argument("--train_models", default="all",
+                 help="models whose training is timed ('all', or a comma list; "
+                      "mobilevitv2_100 at 256 needs ~20 GB for both frameworks)")
   p.add_argument("--calibration_samples", type=int, default=64,
                  help="digit images calibrating both int8 exports")
   p.add_argument("--gelu", default="tanh", choices=("tanh", "exact"),
@@ -90,6 +93,9 @@ def _check_args(args) -> tuple[list[str], list[int]]:
     models.get_model_info(name)
   if any(n in peer_models.EDGEVIT_NAMES for n in names):
     peer_models._load_official_edgevit(args.edgevit_src)  # pylint: disable=protected-access
+  if args.train_models != "all" and not set(_csv(args.train_models)) <= set(names):
+    raise ValueError(f"--train_models={args.train_models!r} must be 'all' or a subset "
+                     f"of --models ({', '.join(names)}).")
   threads = _csv(args.threads)
   if not threads or not all(t.isdigit() and int(t) >= 1 for t in threads):
     raise ValueError(f"--threads={args.threads!r}: expected counts >= 1, e.g. 1,2.")
@@ -282,12 +288,22 @@ def _torch_train_timer(name: str, batch: int, size: int) -> Callable[[int], floa
   return time_steps
 
 
-def measure(names: Sequence[str], threads: int, args) -> list[dict[str, Any]]:
-  """Every engine's latency and both frameworks' training speed at `threads`."""
+def _rows_path(out_dir: str, threads: int) -> str:
+  return os.path.join(out_dir, f"rows_{threads}.jsonl")
+
+
+def measure(names: Sequence[str], threads: int, args) -> None:
+  """Every engine's latency and both frameworks' training speed at `threads`.
+
+  Each model's row is appended to ``rows_<threads>.jsonl`` as soon as it is
+  measured, so a child killed later (e.g. out of memory) keeps the rows before.
+  """
+  import gc  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from vit_edge.tools import bench_train  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
-  rows = []
+  train_models = names if args.train_models == "all" else _csv(args.train_models)
   for name in names:
     size = _size(name, args.image_size)
     fns = _inference_fns(name, size, _paths(args.out_dir, name, size), threads)
@@ -297,7 +313,8 @@ def measure(names: Sequence[str], threads: int, args) -> list[dict[str, Any]]:
         rounds[engine].append(_median_ms(fn, args.runs, args.warmup))
     row = {"model": name, "image_size": size, "threads": threads,
            "ms": {e: float(np.median(v)) for e, v in rounds.items()}, "ms_rounds": rounds}
-    if args.train_steps:
+    del fns
+    if args.train_steps and name in train_models:
       timers = {"jax": bench_train.train_step_timer(name, args.train_batch, size),
                 "torch": _torch_train_timer(name, args.train_batch, size)}
       seconds = {k: [] for k in timers}
@@ -307,10 +324,13 @@ def measure(names: Sequence[str], threads: int, args) -> list[dict[str, Any]]:
       row["train_img_s"] = {k: args.train_batch / float(np.median(v))
                             for k, v in seconds.items()}
       row["train_s_rounds"] = seconds
+      del timers
+      jax.clear_caches()
+      gc.collect()
     print(f"[{name}, {threads} thread(s)] " + json.dumps(
         {k: row[k] for k in ("ms", "train_img_s") if k in row}), flush=True)
-    rows.append(row)
-  return rows
+    with open(_rows_path(args.out_dir, threads), "a") as f:
+      f.write(json.dumps(row) + "\n")
 
 
 # ----------------------------------------------------------------------------------
@@ -346,13 +366,6 @@ def table(rows: Sequence[dict[str, Any]], reports: dict[str, dict[str, Any]]) ->
   return "\n".join(lines)
 
 
-def _child(names: Sequence[str], threads: int, args) -> int:
-  rows = measure(names, threads, args)
-  with open(os.path.join(args.out_dir, f"rows_{threads}.json"), "w") as f:
-    json.dump(rows, f, indent=2)
-  return 0
-
-
 def _run_child(threads: int, argv: Sequence[str]) -> None:
   """This script with --child_threads, pinned to `threads` CPUs before any import."""
   cpus = sorted(os.sched_getaffinity(0))
@@ -361,8 +374,12 @@ def _run_child(threads: int, argv: Sequence[str]) -> None:
   env = dict(os.environ, OMP_NUM_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="2")
   cmd = [sys.executable, "-m", "vit_edge.tools.bench_peers", *argv,
          f"--child_threads={threads}"]
-  subprocess.run(cmd, env=env, check=True,
-                 preexec_fn=lambda: os.sched_setaffinity(0, cpus[:threads]))
+  result = subprocess.run(cmd, env=env, check=False,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cpus[:threads]))
+  if result.returncode:
+    print(f"warning: the {threads}-thread run exited with {result.returncode} (a "
+          "negative code is the signal; -9 is often out of memory: see "
+          "--train_models); its finished rows are kept.", file=sys.stderr)
 
 
 _ARGS = None
@@ -383,14 +400,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     names, thread_counts = _check_args(args)
     if args.child_threads:
-      return _child(names, args.child_threads, args)
+      measure(names, args.child_threads, args)
+      return 0
     os.makedirs(args.out_dir, exist_ok=True)
     reports = {name: prepare(name, args) for name in names}
     rows = []
     for threads in thread_counts:
+      if os.path.exists(_rows_path(args.out_dir, threads)):
+        os.remove(_rows_path(args.out_dir, threads))
       _run_child(threads, argv)
-      with open(os.path.join(args.out_dir, f"rows_{threads}.json")) as f:
-        rows += json.load(f)
+      if os.path.exists(_rows_path(args.out_dir, threads)):
+        with open(_rows_path(args.out_dir, threads)) as f:
+          rows += [json.loads(line) for line in f]
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
