@@ -232,15 +232,15 @@ def _median_ms(fn: Callable[[], Any], runs: int, warmup: int) -> float:
   return 1e3 * float(np.median(times))
 
 
-def _inference_fns(name: str, size: int, paths: dict[str, str], threads: int
-                   ) -> dict[str, Callable[[], Any]]:
+def _inference_fns(name: str, size: int, paths: dict[str, str], threads: int,
+                   edgevit_src: str) -> dict[str, Callable[[], Any]]:
   import onnxruntime as ort  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
   from vit_edge.tools import peer_models  # pylint: disable=g-import-not-at-top
   image = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype(np.float32)
   nchw = image.transpose(0, 3, 1, 2).copy()
-  torch_model = peer_models.build(name, 1000, size, _ARGS.edgevit_src).eval()
+  torch_model = peer_models.build(name, 1000, size, edgevit_src).eval()
   torch_model.load_state_dict(torch.load(paths["torch"]))
   torch_input = torch.from_numpy(nchw)
 
@@ -265,10 +265,11 @@ def _inference_fns(name: str, size: int, paths: dict[str, str], threads: int
   return fns
 
 
-def _torch_train_timer(name: str, batch: int, size: int) -> Callable[[int], float]:
+def _torch_train_timer(name: str, batch: int, size: int, edgevit_src: str
+                       ) -> Callable[[int], float]:
   import torch  # pylint: disable=g-import-not-at-top
   from vit_edge.tools import peer_models  # pylint: disable=g-import-not-at-top
-  model = peer_models.build(name, 10, size, _ARGS.edgevit_src).train()
+  model = peer_models.build(name, 10, size, edgevit_src).train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
   generator = torch.Generator().manual_seed(0)
   x = torch.randn(batch, 3, size, size, generator=generator)
@@ -306,7 +307,8 @@ def measure(names: Sequence[str], threads: int, args) -> None:
   train_models = names if args.train_models == "all" else _csv(args.train_models)
   for name in names:
     size = _size(name, args.image_size)
-    fns = _inference_fns(name, size, _paths(args.out_dir, name, size), threads)
+    fns = _inference_fns(name, size, _paths(args.out_dir, name, size), threads,
+                         args.edgevit_src)
     rounds = {engine: [] for engine in fns}
     for _ in range(args.rounds):
       for engine, fn in fns.items():
@@ -316,7 +318,8 @@ def measure(names: Sequence[str], threads: int, args) -> None:
     del fns
     if args.train_steps and name in train_models:
       timers = {"jax": bench_train.train_step_timer(name, args.train_batch, size),
-                "torch": _torch_train_timer(name, args.train_batch, size)}
+                "torch": _torch_train_timer(name, args.train_batch, size,
+                                            args.edgevit_src)}
       seconds = {k: [] for k in timers}
       for _ in range(args.rounds):
         for k, timer in timers.items():
@@ -382,13 +385,9 @@ def _run_child(threads: int, argv: Sequence[str]) -> None:
           "--train_models); its finished rows are kept.", file=sys.stderr)
 
 
-_ARGS = None
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  global _ARGS
   argv = list(sys.argv[1:] if argv is None else argv)
-  args = _ARGS = _parser().parse_args(argv)
+  args = _parser().parse_args(argv)
   try:
     import torch  # pylint: disable=g-import-not-at-top,unused-import
     import onnxruntime  # pylint: disable=g-import-not-at-top,unused-import
