@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--train_batch", type=int, default=32)
   p.add_argument("--train_models", default="all",
                  help="models whose training is timed ('all', or a comma list; "
-                      "mobilevitv2_100 at 256 needs ~20 GB for both frameworks)")
+                      "mobilevitv2_100 at 256 reached 14.8 GB resident here)")
   p.add_argument("--calibration_samples", type=int, default=64,
                  help="digit images calibrating both int8 exports")
   p.add_argument("--gelu", default="tanh", choices=("tanh", "exact"),
