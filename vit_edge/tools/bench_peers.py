@@ -92,7 +92,7 @@ def _check_args(args) -> tuple[list[str], list[int]]:
                        f"{', '.join(peer_models.SUPPORTED)}.")
     models.get_model_info(name)
   if any(n in peer_models.EDGEVIT_NAMES for n in names):
-    peer_models._load_official_edgevit(args.edgevit_src)  # pylint: disable=protected-access
+    peer_models.load_official_edgevit(args.edgevit_src)
   if args.train_models != "all" and not set(_csv(args.train_models)) <= set(names):
     raise ValueError(f"--train_models={args.train_models!r} must be 'all' or a subset "
                      f"of --models ({', '.join(names)}).")
@@ -140,7 +140,7 @@ def port_weights(name: str, torch_model, size: int):
   overrides = {"image_size": size} if info.fixed_resolution else {}
   model = models.create_model(name, num_classes=1000, **overrides)
   state_dict = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
-  family = import_torch._family_module(info.family)  # pylint: disable=protected-access
+  family = import_torch.family_module(info.family)
   return model, family.convert_torch_state_dict(state_dict, model)
 
 

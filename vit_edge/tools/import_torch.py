@@ -126,7 +126,8 @@ def checkpoint_num_classes(state_dict: Mapping[str, np.ndarray]) -> int:
   return 0
 
 
-def _family_module(family: str):
+def family_module(family: str):
+  """The models module of a registry family (it holds ``convert_torch_state_dict``)."""
   from vit_edge.models import edgevit, mobilevitv2, tformer, vit  # pylint: disable=g-import-not-at-top
   return {"edgevit": edgevit, "mobilevitv2": mobilevitv2, "tformer": tformer,
           "vit": vit, "deit": vit}[family]
@@ -152,7 +153,7 @@ def convert_checkpoint(state_dict: Mapping[str, np.ndarray], config
   with native.unlocked():
     native.image_size = _native_image_size(state_dict, config, info)
   model = train.build_model(native, checkpoint_num_classes(state_dict))
-  return _family_module(info.family).convert_torch_state_dict(state_dict, model)
+  return family_module(info.family).convert_torch_state_dict(state_dict, model)
 
 
 def _read_class_names(path: Optional[str]) -> Optional[list[str]]:

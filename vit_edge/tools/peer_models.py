@@ -37,7 +37,8 @@ TFORMER_DEPTHS = {"tformer_s": (2, 2, 6, 2), "tformer_m": (4, 4, 12, 4),
 SUPPORTED = tuple(TIMM_NAMES) + EDGEVIT_NAMES + tuple(TFORMER_DEPTHS)
 
 
-def _load_official_edgevit(path: Optional[str]):
+def load_official_edgevit(path: Optional[str]):
+  """The official saic-fi/edgevit ``src/edgevit.py`` as a module (loaded once)."""
   if not path:
     raise ValueError("EdgeViT's reference is the official saic-fi/edgevit code, which "
                      "is not on PyPI: clone https://github.com/saic-fi/edgevit and pass "
@@ -63,7 +64,7 @@ def build(name: str, num_classes: int, image_size: int,
     return timm.create_model(TIMM_NAMES[name], pretrained=False, num_classes=num_classes,
                              **size)
   if name in EDGEVIT_NAMES:
-    return getattr(_load_official_edgevit(edgevit_src), name)(
+    return getattr(load_official_edgevit(edgevit_src), name)(
         pretrained=False, num_classes=num_classes, img_size=image_size)
   if name in TFORMER_DEPTHS:
     return TorchTFormer(TFORMER_DEPTHS[name], num_classes=num_classes)
