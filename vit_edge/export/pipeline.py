@@ -298,11 +298,10 @@ def export_from_workdir(workdir: str, out: str, *, step: Optional[int] = None,
 
 def _check_variable_shapes(model, size: int, variables: dict[str, Any]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  shape_of = lambda tree: {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-                           jax.tree_util.tree_leaves_with_path(tree)}
-  want, got = shape_of(expected), shape_of(variables)
+  from vit_edge.models import convert as convert_lib  # pylint: disable=g-import-not-at-top
+  want = {"/".join(k): v for k, v in convert_lib.variable_shapes(model, size).items()}
+  got = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+         for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
   if want != got:
     wrong = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
     raise ValueError(f"variables do not fit {type(model).__name__} at {size}x{size}: "

@@ -59,8 +59,9 @@ def train_step_timer(name: str, batch_size: int, image_size: int
 
   The offline config's optimizer and objective (DeiT recipe AdamW, cross-entropy,
   float32) on random data already on the device, so it measures the model and
-  optimizer, not tf.data. The head has the offline data set's 10 classes. The first step (compile + warm-up) runs here, untimed.
-  Successive calls continue training, so timings of two frameworks can interleave.
+  optimizer, not tf.data. The head has the offline data set's 10 classes. The
+  first step (compile + warm-up) runs here, untimed. Successive calls continue
+  training, so timings of two frameworks can interleave.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -78,8 +79,8 @@ def train_step_timer(name: str, batch_size: int, image_size: int
   rng = np.random.default_rng(0)
   batch = sharding.make_global_batch({
       "image": rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
-      "label": rng.integers(0, trainer.ds_info.num_classes, size=(batch_size,)).astype(np.int32)},
-      trainer.mesh)
+      "label": rng.integers(0, trainer.ds_info.num_classes, size=(batch_size,)
+                            ).astype(np.int32)}, trainer.mesh)
 
   def time_steps(steps: int) -> float:
     nonlocal state
