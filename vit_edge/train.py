@@ -109,6 +109,25 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return (rank < k).astype(jnp.float32)
 
 
+def student_loss(trainable: tuple[Any, Any], state: State, images: jax.Array,
+                 targets: jax.Array, teacher: Any, dropout_rng: jax.Array, *,
+                 model: nn.Module, objective: objectives.Objective):
+  """The objective's loss of the student on one (mixed) batch, in train mode.
+
+  ``trainable`` is (params, objective_params), what the step differentiates.
+  Returns (loss, (metrics, new batch_stats)). `train_step` takes its gradient;
+  `tools/profile_train.py` times it alone (forward) and with its gradient.
+  """
+  params, objective_params = trainable
+  mutable = ["batch_stats"] if state["batch_stats"] else []
+  (logits, aux), updates = model.apply(
+      _variables(state, params), images, train=True,
+      rngs={"dropout": dropout_rng}, mutable=mutable)
+  loss, metrics = objective(logits.astype(jnp.float32), aux, targets, teacher,
+                            objective_params)
+  return loss, (metrics, updates.get("batch_stats", state["batch_stats"]))
+
+
 def train_step(state: State, batch: dict[str, jax.Array], teacher_variables: Any, *,
                model: nn.Module, objective: objectives.Objective,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -131,19 +150,10 @@ def train_step(state: State, batch: dict[str, jax.Array], teacher_variables: Any
       label_smoothing=config.label_smoothing)
   teacher = objective.teacher_outputs(teacher_variables, images)
 
-  def loss_fn(trainable):
-    params, objective_params = trainable
-    mutable = ["batch_stats"] if state["batch_stats"] else []
-    (logits, aux), updates = model.apply(
-        _variables(state, params), images, train=True,
-        rngs={"dropout": dropout_rng}, mutable=mutable)
-    loss, metrics = objective(logits.astype(jnp.float32), aux, targets, teacher,
-                              objective_params)
-    return loss, (metrics, updates.get("batch_stats", state["batch_stats"]))
-
   trainable = (state["params"], state["objective_params"])
-  (_, (metrics, batch_stats)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(trainable)
+  (_, (metrics, batch_stats)), grads = jax.value_and_grad(student_loss, has_aux=True)(
+      trainable, state, images, targets, teacher, dropout_rng, model=model,
+      objective=objective)
   updates, opt_state = tx.update(grads, state["opt_state"], trainable)
   params, objective_params = optax.apply_updates(trainable, updates)
   new_state = dict(state, step=state["step"] + 1, params=params,

@@ -302,7 +302,7 @@ def measure(names: Sequence[str], threads: int, args) -> None:
   import gc  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from vit_edge.tools import bench_train  # pylint: disable=g-import-not-at-top
+  from vit_edge.tools import step_timing  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   train_models = names if args.train_models == "all" else _csv(args.train_models)
   for name in names:
@@ -317,7 +317,7 @@ def measure(names: Sequence[str], threads: int, args) -> None:
            "ms": {e: float(np.median(v)) for e, v in rounds.items()}, "ms_rounds": rounds}
     del fns
     if args.train_steps and name in train_models:
-      timers = {"jax": bench_train.train_step_timer(name, args.train_batch, size),
+      timers = {"jax": step_timing.train_step_timer(name, args.train_batch, size),
                 "torch": _torch_train_timer(name, args.train_batch, size,
                                             args.edgevit_src)}
       seconds = {k: [] for k in timers}

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
-from typing import Callable
 
 from absl import app
 from absl import flags
 
+from vit_edge.tools import step_timing
 from vit_edge.tools import training_runs
 
 _MODE = flags.DEFINE_enum("mode", "accuracy", ["accuracy", "throughput"], "What to measure.")
@@ -53,52 +52,10 @@ def accuracy_row(name: str, parent: str) -> str:
           f"{training_runs.top1_percent(results):.2f} |")
 
 
-def train_step_timer(name: str, batch_size: int, image_size: int
-                     ) -> Callable[[int], float]:
-  """`time_steps(n)`: runs n jitted train steps of `name`, returns seconds per step.
-
-  The offline config's optimizer and objective (DeiT recipe AdamW, cross-entropy,
-  float32) on random data already on the device, so it measures the model and
-  optimizer, not tf.data. The head has the offline data set's 10 classes. The
-  first step (compile + warm-up) runs here, untimed. Successive calls continue
-  training, so timings of two frameworks can interleave.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from vit_edge import recipes  # pylint: disable=g-import-not-at-top
-  from vit_edge import sharding  # pylint: disable=g-import-not-at-top
-  from vit_edge import train  # pylint: disable=g-import-not-at-top
-
-  config = recipes.get_config(name)
-  with config.unlocked():
-    config.image_size, config.batch_size = image_size, batch_size
-    config.eval_batch_size = batch_size
-    config.num_train_steps = 1_000_000  # The schedule's length; only timing matters.
-  trainer = train.Trainer(config, tempfile.mkdtemp())
-  state = trainer.fresh_state()
-  rng = np.random.default_rng(0)
-  batch = sharding.make_global_batch({
-      "image": rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
-      "label": rng.integers(0, trainer.ds_info.num_classes, size=(batch_size,)
-                            ).astype(np.int32)}, trainer.mesh)
-
-  def time_steps(steps: int) -> float:
-    nonlocal state
-    with jax.set_mesh(trainer.mesh):
-      start = time.perf_counter()
-      for _ in range(steps):
-        state, metrics = trainer.train_step(state, batch)
-      jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / steps
-
-  time_steps(1)  # Compile + warm-up.
-  return time_steps
-
-
 def throughput_row(name: str) -> str:
   """Images/s of the jitted train step of `name` (DeiT recipe optimizer, float32)."""
   import jax  # pylint: disable=g-import-not-at-top
-  seconds = train_step_timer(name, _BATCH.value, _IMAGE_SIZE.value)(_STEPS.value)
+  seconds = step_timing.train_step_timer(name, _BATCH.value, _IMAGE_SIZE.value)(_STEPS.value)
   device = jax.devices()[0].device_kind
   return (f"| {name} | {device} | {_BATCH.value} | {_IMAGE_SIZE.value} | "
           f"{seconds:.2f} | {_BATCH.value / seconds:.1f} |")
