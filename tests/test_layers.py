@@ -104,3 +104,76 @@ def test_model_gradients_unchanged(monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-4,
                                atol=1e-5 * max(1.0, float(np.max(np.abs(b)))),
                                err_msg=jax.tree_util.keystr(path))
+
+
+def _pool_grads(pool, x, window, strides, padding):
+  def loss(x):
+    return jnp.sum(jnp.sin(3.0 * pool(x, window, strides, padding).astype(jnp.float32)))
+  return jax.jit(jax.value_and_grad(loss))(x)
+
+
+def _flax_max_pool(x, window, strides, padding):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  return nn.max_pool(x, window, strides=strides, padding=padding)
+
+
+@pytest.mark.parametrize("window,strides,padding", [
+    ((3, 3), (1, 1), ((1, 1), (1, 1))),   # TFormer's mixer, k = 3, 5, 7
+    ((5, 5), (1, 1), ((2, 2), (2, 2))),
+    ((7, 7), (1, 1), ((3, 3), (3, 3))),
+    ((3, 3), (2, 2), ((1, 1), (1, 1))),   # ResNet-style stem pool
+    ((2, 2), (2, 2), ((0, 0), (0, 0))),
+    ((3, 2), (1, 2), ((0, 2), (1, 0))),   # asymmetric everything
+])
+def test_max_pool_gradient_equals_lax(window, strides, padding):
+  rng = np.random.default_rng(sum(window) + sum(strides))
+  x = jnp.asarray(rng.normal(size=(2, 9, 10, 3)), jnp.float32)
+  y_ref, dx_ref = _pool_grads(_flax_max_pool, x, window, strides, padding)
+  y, dx = _pool_grads(layers.max_pool, x, window, strides, padding)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_gradient_goes_to_the_first_of_tied_maxima():
+  """Ties (a ReLU map, quantised values) pick the first maximum, as lax and PyTorch."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.integers(0, 3, size=(2, 8, 8, 4)), jnp.float32)
+  for window, strides, padding in (((3, 3), (1, 1), ((1, 1), (1, 1))),
+                                   ((3, 3), (2, 2), ((1, 1), (1, 1)))):
+    _, dx_ref = _pool_grads(_flax_max_pool, x, window, strides, padding)
+    _, dx = _pool_grads(layers.max_pool, x, window, strides, padding)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_bf16_and_shape_error():
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 6, 6, 2)), jnp.bfloat16)
+  args = ((3, 3), (1, 1), ((1, 1), (1, 1)))
+  (_, dx_ref), (_, dx) = (_pool_grads(_flax_max_pool, x, *args),
+                          _pool_grads(layers.max_pool, x, *args))
+  assert dx.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(dx), np.float32(dx_ref), rtol=1e-2, atol=1e-2)
+  with pytest.raises(ValueError, match=r"NHWC map \(4 dims\), got shape \(6, 6\)"):
+    layers.max_pool(jnp.zeros((6, 6)), (3, 3))
+
+
+def test_tformer_gradients_unchanged(monkeypatch):
+  """TFormer's parameter gradient equals the one lax's max-pool autodiff gives."""
+  images = jnp.asarray(np.random.default_rng(5).uniform(size=(2, 32, 32, 3)), jnp.float32)
+
+  def grads():
+    model = models.create_model("tformer_s", num_classes=5, depths=(1, 1, 1, 1))
+    variables = model.init(jax.random.key(0), images)
+
+    def loss(params):
+      logits, _ = model.apply({**variables, "params": params}, images, train=False)
+      return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+    return jax.jit(jax.grad(loss))(variables["params"])
+
+  ours = grads()
+  monkeypatch.setattr(layers, "max_pool", lambda x, w, s, p: _flax_max_pool(x, w, s, p))
+  reference = grads()
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours),
+                          jax.tree_util.tree_leaves(reference)):
+    np.testing.assert_allclose(a, b, rtol=1e-4,
+                               atol=1e-5 * max(1.0, float(np.max(np.abs(b)))),
+                               err_msg=jax.tree_util.keystr(path))

@@ -313,3 +313,83 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type)
+
+
+# ---------------------------------------------------------------------------
+# Max pooling with a gradient XLA:CPU computes well.
+#
+# The gradient of a max pool is a select-and-scatter, which XLA:CPU expands into
+# a reduce-window that carries four int32 index arrays (built by iotas as large
+# as the input) and then a scatter: in TFormer's train step (three stride-1 max
+# pools per block) these were the largest share of the step's CPU time
+# (README "Performance notes"). Here the backward pass finds, per output, the
+# first window position (row-major) that holds the maximum, as XLA's
+# select-and-scatter (select `ge`) and PyTorch's max_pool2d backward do, and
+# sends the output gradient there with k*k shifted adds. The forward pass stays
+# lax's reduce_window, so inference and export see the same primitive.
+# ---------------------------------------------------------------------------
+
+def _max_pool_forward(x, window, strides, pads):
+  return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max,
+                           (1, *window, 1), (1, *strides, 1),
+                           ((0, 0), *pads, (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, pads):
+  return _max_pool_forward(x, window, strides, pads)
+
+
+def _max_pool_fwd(x, window, strides, pads):
+  y = _max_pool_forward(x, window, strides, pads)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, strides, pads, residuals, g):
+  x, y = residuals
+  (kh, kw), (sh, sw), ((top, bottom), (left, right)) = window, strides, pads
+  batch, out_h, out_w, channels = y.shape
+  xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype),
+               ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+  padded_h, padded_w = xp.shape[1:3]
+  span_h, span_w = sh * (out_h - 1) + 1, sw * (out_w - 1) + 1
+  offsets = [(i, j) for i in range(kh) for j in range(kw)]
+
+  def window_at(i, j):
+    return lax.slice(xp, (0, i, j, 0), (batch, i + span_h, j + span_w, channels),
+                     (1, sh, sw, 1))
+
+  # Visiting the taps last to first leaves the FIRST one that equals the max.
+  choice = jnp.full(y.shape, len(offsets), jnp.int32)
+  for tap in reversed(range(len(offsets))):
+    choice = jnp.where(window_at(*offsets[tap]) == y, tap, choice)
+  # Materialised once: the adds below read it k*k times at shifted positions.
+  choice = lax.optimization_barrier(choice)
+  g32, zero = g.astype(jnp.float32), jnp.zeros((), jnp.float32)
+  dxp = None
+  for tap, (i, j) in enumerate(offsets):
+    part = lax.pad(jnp.where(choice == tap, g32, zero), zero,
+                   ((0, 0, 0), (i, padded_h - i - span_h, sh - 1),
+                    (j, padded_w - j - span_w, sw - 1), (0, 0, 0)))
+    dxp = part if dxp is None else dxp + part
+  dx = lax.pad(dxp, zero, ((0, 0, 0), (-top, -bottom, 0), (-left, -right, 0), (0, 0, 0)))
+  return (dx.astype(x.dtype),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] = (1, 1),
+             padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))) -> jax.Array:
+  """2-D max pooling of an NHWC map, padded with -inf, with a fast gradient.
+
+  The values of ``nn.max_pool(x, window, strides, padding)`` (PyTorch's
+  ``MaxPool2d`` with the same window, stride and padding); the gradient goes to
+  the first maximum of each window, as in both. Example:
+  ``max_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1)))`` keeps the shape of ``x``.
+  """
+  if x.ndim != 4:
+    raise ValueError(f"max_pool expects an NHWC map (4 dims), got shape {x.shape}.")
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _max_pool(x, tuple(int(k) for k in window), tuple(int(s) for s in strides),
+                   pads)

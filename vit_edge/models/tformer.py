@@ -152,8 +152,7 @@ def max_pool_same(x: jax.Array, kernel: int) -> jax.Array:
   Example: ``max_pool_same(x, 5)`` has the shape of ``x``.
   """
   pad = kernel // 2
-  return nn.max_pool(x, (kernel, kernel), strides=(1, 1),
-                     padding=((pad, pad), (pad, pad)))
+  return layers.max_pool(x, (kernel, kernel), (1, 1), ((pad, pad), (pad, pad)))
 
 
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
