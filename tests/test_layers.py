@@ -1,4 +1,4 @@
-"""Shared layers: the depthwise convolution's hand-written gradient."""
+"""Shared layers: the hand-written gradients of depthwise and grouped 1x1 convs, max pooling."""
 
 import jax
 from jax import lax
@@ -55,12 +55,37 @@ def test_depthwise_gradient_bf16_as_close_as_lax():
     assert ours_err <= 1.5 * lax_err + 1e-3, (ours_err, lax_err)
 
 
+@pytest.mark.parametrize("groups,padding", [(2, "VALID"), (4, "SAME"),
+                                            (2, ((0, 0), (0, 0)))])
+def test_grouped_pointwise_gradient_equals_lax(groups, padding):
+  rng = np.random.default_rng(groups)
+  x = jnp.asarray(rng.normal(size=(2, 5, 6, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(1, 1, 8 // groups, 12)), jnp.float32)
+
+  def grads(conv):
+    def loss(x, w):
+      y = conv(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+               feature_group_count=groups)
+      return jnp.sum(jnp.sin(y))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+
+  jaxpr = jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
+      x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups))(x, w)
+  assert "custom_vjp" in str(jaxpr)
+  (y_ref, (dx_ref, dw_ref)), (y, (dx, dw)) = (grads(lax.conv_general_dilated),
+                                              grads(layers.conv_general_dilated))
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_other_convolutions_go_to_lax_unchanged():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(1, 6, 6, 4)), jnp.float32)
   dims = ("NHWC", "HWIO", "NHWC")
   for w, groups in ((rng.normal(size=(3, 3, 4, 8)), 1),     # dense
-                    (rng.normal(size=(1, 1, 2, 4)), 2),     # grouped, not depthwise
+                    (rng.normal(size=(3, 3, 2, 4)), 2),     # grouped 3x3
                     (rng.normal(size=(3, 3, 1, 8)), 4)):    # channel multiplier 2
     w = jnp.asarray(w, jnp.float32)
     jaxpr = jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
@@ -157,7 +182,7 @@ def test_max_pool_bf16_and_shape_error():
 
 
 def test_tformer_gradients_unchanged(monkeypatch):
-  """TFormer's parameter gradient equals the one lax's max-pool autodiff gives."""
+  """TFormer's parameter gradient equals lax's autodiff (max pools, grouped 1x1 convs)."""
   images = jnp.asarray(np.random.default_rng(5).uniform(size=(2, 32, 32, 3)), jnp.float32)
 
   def grads():
@@ -171,6 +196,7 @@ def test_tformer_gradients_unchanged(monkeypatch):
 
   ours = grads()
   monkeypatch.setattr(layers, "max_pool", lambda x, w, s, p: _flax_max_pool(x, w, s, p))
+  monkeypatch.setitem(layers._FAST_CONV_GRADIENTS, "enabled", False)  # PCS-FFN's convs
   reference = grads()
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours),
                           jax.tree_util.tree_leaves(reference)):

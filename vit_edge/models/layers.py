@@ -274,30 +274,89 @@ def _depthwise_conv_bwd(strides, pads, residuals, g):
 _depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
 
 
+# A 1x1 grouped conv (TFormer's PCS-FFN: 2 groups) is G matmuls, but XLA:CPU
+# differentiates it as grouped convolutions, which YNNPACK runs far below its
+# matmul rate. Its gradients as batched matmuls over the groups: the forward
+# stays lax's convolution, as for the depthwise conv above.
+
+def _is_pointwise_grouped(lhs, rhs, window_strides, padding, lhs_dilation,
+                          rhs_dilation, dimension_numbers, feature_group_count,
+                          batch_group_count) -> bool:
+  """True for an undilated, unpadded, stride-1 1x1 NHWC/HWIO conv with 1 < groups."""
+  if lhs.ndim != 4 or feature_group_count <= 1 or batch_group_count != 1:
+    return False
+  if rhs.shape[:2] != (1, 1) or rhs.shape[2] * feature_group_count != lhs.shape[-1]:
+    return False
+  if tuple(window_strides) != (1, 1):
+    return False
+  if isinstance(padding, str):
+    if padding not in ("SAME", "VALID"):
+      return False
+  elif any(int(p) != 0 for pair in padding for p in pair):
+    return False
+  if any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ())):
+    return False
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  return (dimension_numbers == nhwc
+          or dimension_numbers == ("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pointwise_grouped_conv(x, w, groups):
+  return lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=groups)
+
+
+def _pointwise_grouped_conv_fwd(x, w, groups):
+  return _pointwise_grouped_conv(x, w, groups), (x, w)
+
+
+def _pointwise_grouped_conv_bwd(groups, residuals, g):
+  x, w = residuals
+  per_group_in, out = w.shape[2], w.shape[3]
+  rows = x.shape[0] * x.shape[1] * x.shape[2]
+  # Kernel [1, 1, C/G, O]: group k maps input block k to output block k.
+  wg = jnp.transpose(w.reshape(per_group_in, groups, out // groups), (1, 0, 2))
+  xg = x.reshape(rows, groups, per_group_in)
+  gg = g.reshape(rows, groups, out // groups)
+  dx = jnp.einsum("mgo,gco->mgc", gg, wg, preferred_element_type=jnp.float32)
+  dwg = jnp.einsum("mgc,mgo->gco", xg, gg, preferred_element_type=jnp.float32)
+  dw = jnp.transpose(dwg, (1, 0, 2)).reshape(w.shape)
+  return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype)
+
+
+_pointwise_grouped_conv.defvjp(_pointwise_grouped_conv_fwd, _pointwise_grouped_conv_bwd)
+
+
 # Qwix's QAT interception (vit_edge/compress/qat.py) cannot see a kernel that
 # reaches lax through a custom_vjp (it stops with "expected to be an activation"),
-# so QAT turns the custom gradient off for the process: the values are the same,
+# so QAT turns the custom gradients off for the process: the values are the same,
 # only the backward pass is XLA's slower default.
-_FAST_DEPTHWISE_GRADIENT = {"enabled": True}
+_FAST_CONV_GRADIENTS = {"enabled": True}
 
 
-def use_fast_depthwise_gradient(enabled: bool) -> None:
-  """Turns the custom depthwise gradient on or off for convs traced from now on."""
-  _FAST_DEPTHWISE_GRADIENT["enabled"] = bool(enabled)
+def use_fast_conv_gradients(enabled: bool) -> None:
+  """Turns the custom depthwise and grouped 1x1 gradients on or off.
+
+  Applies to convs traced from now on.
+  """
+  _FAST_CONV_GRADIENTS["enabled"] = bool(enabled)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None):
-  """`lax.conv_general_dilated` with a fast gradient for 2-D depthwise convs.
+  """`lax.conv_general_dilated` with fast gradients for depthwise and grouped 1x1 convs.
 
   A drop-in for ``nn.Conv(..., conv_general_dilated=layers.conv_general_dilated)``:
   plain depthwise convs (one k x k filter per channel, no dilation, NHWC) get the
-  shifted multiply-add gradient above; every other conv goes to lax unchanged.
-  Forward values are lax's own.
+  shifted multiply-add gradient above, grouped 1x1 convs (stride 1, unpadded) the
+  batched-matmul one; every other conv goes to lax unchanged. Forward values are
+  lax's own.
   """
-  if (_FAST_DEPTHWISE_GRADIENT["enabled"]
+  if (_FAST_CONV_GRADIENTS["enabled"]
       and precision is None and preferred_element_type is None
       and _is_plain_depthwise(lhs, rhs, lhs_dilation, rhs_dilation,
                               dimension_numbers, feature_group_count,
@@ -308,6 +367,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                  padding)
     pads = tuple(tuple(int(p) for p in pair) for pair in pads)
     return _depthwise_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+  if (_FAST_CONV_GRADIENTS["enabled"]
+      and precision is None and preferred_element_type is None
+      and _is_pointwise_grouped(lhs, rhs, window_strides, padding, lhs_dilation,
+                                rhs_dilation, dimension_numbers, feature_group_count,
+                                batch_group_count)):
+    return _pointwise_grouped_conv(lhs, rhs, int(feature_group_count))
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

@@ -255,8 +255,10 @@ def _pointwise(features: int, groups: int, dtype: Dtype, name: str,
     # At init the stored parameters are created unpermuted (same shapes).
     conv = nn.map_variables(nn.Conv, "params", trans_in_fn=permute,
                             init=initializing)
+  # layers.conv_general_dilated: the same forward, matmul gradients for groups > 1.
   return conv(features, (1, 1), feature_group_count=groups, dtype=dtype,
-              kernel_init=torch_conv_init, name=name)
+              kernel_init=torch_conv_init, name=name,
+              conv_general_dilated=layers.conv_general_dilated)
 
 
 class PCSFFN(nn.Module):
