@@ -274,16 +274,18 @@ def _depthwise_conv_bwd(strides, pads, residuals, g):
 _depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
 
 
-# A 1x1 grouped conv (TFormer's PCS-FFN: 2 groups) is G matmuls, but XLA:CPU
-# differentiates it as grouped convolutions, which YNNPACK runs far below its
-# matmul rate. Its gradients as batched matmuls over the groups: the forward
-# stays lax's convolution, as for the depthwise conv above.
+# A 1x1 conv is a matmul (G matmuls with G groups), but XLA:CPU differentiates
+# it as convolutions. Its kernel gradient then contracts over batch x height x
+# width inside a convolution, which YNNPACK runs at a few GFLOP/s (0.8 s for one
+# 32x64 kernel of MobileViTv2-0.5 at 256, batch 32). Here both gradients are
+# (batched) matmuls over the groups; the forward stays lax's convolution, as for
+# the depthwise conv above.
 
-def _is_pointwise_grouped(lhs, rhs, window_strides, padding, lhs_dilation,
+def _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation,
                           rhs_dilation, dimension_numbers, feature_group_count,
                           batch_group_count) -> bool:
-  """True for an undilated, unpadded, stride-1 1x1 NHWC/HWIO conv with 1 < groups."""
-  if lhs.ndim != 4 or feature_group_count <= 1 or batch_group_count != 1:
+  """True for an undilated, unpadded, stride-1 1x1 NHWC/HWIO conv (any groups)."""
+  if lhs.ndim != 4 or batch_group_count != 1:
     return False
   if rhs.shape[:2] != (1, 1) or rhs.shape[2] * feature_group_count != lhs.shape[-1]:
     return False
@@ -302,17 +304,17 @@ def _is_pointwise_grouped(lhs, rhs, window_strides, padding, lhs_dilation,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _pointwise_grouped_conv(x, w, groups):
+def _pointwise_conv(x, w, groups):
   return lax.conv_general_dilated(x, w, (1, 1), "VALID",
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                   feature_group_count=groups)
 
 
-def _pointwise_grouped_conv_fwd(x, w, groups):
-  return _pointwise_grouped_conv(x, w, groups), (x, w)
+def _pointwise_conv_fwd(x, w, groups):
+  return _pointwise_conv(x, w, groups), (x, w)
 
 
-def _pointwise_grouped_conv_bwd(groups, residuals, g):
+def _pointwise_conv_bwd(groups, residuals, g):
   x, w = residuals
   per_group_in, out = w.shape[2], w.shape[3]
   rows = x.shape[0] * x.shape[1] * x.shape[2]
@@ -326,7 +328,7 @@ def _pointwise_grouped_conv_bwd(groups, residuals, g):
   return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype)
 
 
-_pointwise_grouped_conv.defvjp(_pointwise_grouped_conv_fwd, _pointwise_grouped_conv_bwd)
+_pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
 
 
 # Qwix's QAT interception (vit_edge/compress/qat.py) cannot see a kernel that
@@ -337,7 +339,7 @@ _FAST_CONV_GRADIENTS = {"enabled": True}
 
 
 def use_fast_conv_gradients(enabled: bool) -> None:
-  """Turns the custom depthwise and grouped 1x1 gradients on or off.
+  """Turns the custom depthwise and 1x1 conv gradients on or off.
 
   Applies to convs traced from now on.
   """
@@ -348,12 +350,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None):
-  """`lax.conv_general_dilated` with fast gradients for depthwise and grouped 1x1 convs.
+  """`lax.conv_general_dilated` with fast gradients for depthwise and 1x1 convs.
 
   A drop-in for ``nn.Conv(..., conv_general_dilated=layers.conv_general_dilated)``:
   plain depthwise convs (one k x k filter per channel, no dilation, NHWC) get the
-  shifted multiply-add gradient above, grouped 1x1 convs (stride 1, unpadded) the
-  batched-matmul one; every other conv goes to lax unchanged. Forward values are
+  shifted multiply-add gradient above, 1x1 convs (stride 1, unpadded, any groups)
+  the matmul one; every other conv goes to lax unchanged. Forward values are
   lax's own.
   """
   if (_FAST_CONV_GRADIENTS["enabled"]
@@ -369,10 +371,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     return _depthwise_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
   if (_FAST_CONV_GRADIENTS["enabled"]
       and precision is None and preferred_element_type is None
-      and _is_pointwise_grouped(lhs, rhs, window_strides, padding, lhs_dilation,
+      and _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation,
                                 rhs_dilation, dimension_numbers, feature_group_count,
                                 batch_group_count)):
-    return _pointwise_grouped_conv(lhs, rhs, int(feature_group_count))
+    return _pointwise_conv(lhs, rhs, int(feature_group_count))
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

@@ -324,6 +324,7 @@ class MobileViTv2Block(nn.Module):
     x = ConvNormAct(self.features, 3, groups=self.features, dtype=self.dtype,
                     name="conv_kxk")(x, train)
     x = nn.Conv(self.attn_features, (1, 1), use_bias=False, dtype=self.dtype,
+                conv_general_dilated=layers.conv_general_dilated,
                 kernel_init=_conv_init(), name="conv_1x1")(x)
     x = unfold_patches(x, p)
     ffns = self.ffns if self.ffns is not None else (None,) * self.depth

@@ -195,7 +195,7 @@ class HybridMixer(nn.Module):
     # Subtracting x as PoolFormer does: the residual already carries the identity.
     mixed = pooled - x
     return nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, kernel_init=torch_conv_init,
-                   name="proj")(mixed)
+                   conv_general_dilated=layers.conv_general_dilated, name="proj")(mixed)
 
 
 def shuffle_folding_orders(hidden: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +255,7 @@ def _pointwise(features: int, groups: int, dtype: Dtype, name: str,
     # At init the stored parameters are created unpermuted (same shapes).
     conv = nn.map_variables(nn.Conv, "params", trans_in_fn=permute,
                             init=initializing)
-  # layers.conv_general_dilated: the same forward, matmul gradients for groups > 1.
+  # layers.conv_general_dilated: the same forward, matmul gradients.
   return conv(features, (1, 1), feature_group_count=groups, dtype=dtype,
               kernel_init=torch_conv_init, name=name,
               conv_general_dilated=layers.conv_general_dilated)
