@@ -196,7 +196,7 @@ def test_tformer_gradients_unchanged(monkeypatch):
 
   ours = grads()
   monkeypatch.setattr(layers, "max_pool", lambda x, w, s, p: _flax_max_pool(x, w, s, p))
-  monkeypatch.setitem(layers._FAST_CONV_GRADIENTS, "enabled", False)  # PCS-FFN's convs
+  monkeypatch.setitem(layers._FAST_GRADIENTS, "enabled", False)  # PCS-FFN's convs
   reference = grads()
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours),
                           jax.tree_util.tree_leaves(reference)):

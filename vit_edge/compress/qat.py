@@ -217,8 +217,8 @@ def adapt(model, config: ml_collections.ConfigDict):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from vit_edge.models import layers as layers_lib  # pylint: disable=g-import-not-at-top
-  # Qwix cannot see a depthwise kernel behind the custom gradient (layers.py).
-  layers_lib.use_fast_conv_gradients(False)
+  # Qwix cannot see a conv kernel behind a custom gradient (layers.py).
+  layers_lib.use_fast_gradients(False)
   layers = config.qat.get("layers", "weights")
   image_shape = (1, config.image_size, config.image_size, 3)
   check_supported(model, image_shape, layers)

@@ -335,15 +335,15 @@ _pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
 # reaches lax through a custom_vjp (it stops with "expected to be an activation"),
 # so QAT turns the custom gradients off for the process: the values are the same,
 # only the backward pass is XLA's slower default.
-_FAST_CONV_GRADIENTS = {"enabled": True}
+_FAST_GRADIENTS = {"enabled": True}
 
 
-def use_fast_conv_gradients(enabled: bool) -> None:
-  """Turns the custom depthwise and 1x1 conv gradients on or off.
+def use_fast_gradients(enabled: bool) -> None:
+  """Turns the custom gradients (depthwise and 1x1 convs, max pooling) on or off.
 
   Applies to convs traced from now on.
   """
-  _FAST_CONV_GRADIENTS["enabled"] = bool(enabled)
+  _FAST_GRADIENTS["enabled"] = bool(enabled)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -358,7 +358,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   the matmul one; every other conv goes to lax unchanged. Forward values are
   lax's own.
   """
-  if (_FAST_CONV_GRADIENTS["enabled"]
+  if (_FAST_GRADIENTS["enabled"]
       and precision is None and preferred_element_type is None
       and _is_plain_depthwise(lhs, rhs, lhs_dilation, rhs_dilation,
                               dimension_numbers, feature_group_count,
@@ -369,7 +369,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                  padding)
     pads = tuple(tuple(int(p) for p in pair) for pair in pads)
     return _depthwise_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
-  if (_FAST_CONV_GRADIENTS["enabled"]
+  if (_FAST_GRADIENTS["enabled"]
       and precision is None and preferred_element_type is None
       and _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation,
                                 rhs_dilation, dimension_numbers, feature_group_count,
@@ -458,5 +458,7 @@ def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] = (1, 1
   if x.ndim != 4:
     raise ValueError(f"max_pool expects an NHWC map (4 dims), got shape {x.shape}.")
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if not _FAST_GRADIENTS["enabled"]:
+    return _max_pool_forward(x, tuple(window), tuple(strides), pads)
   return _max_pool(x, tuple(int(k) for k in window), tuple(int(s) for s in strides),
                    pads)

@@ -159,26 +159,40 @@ class HloModule:
       return REST
     return None
 
+  def _upstream_directions(self, name: str) -> set[str]:
+    """Directions of the nearest labelled ops `name` reads, through unlabelled ones."""
+    found, frontier, seen = set(), [name], set()
+    for _ in range(8):
+      next_frontier = []
+      for current in frontier:
+        if current in seen:
+          continue
+        seen.add(current)
+        direction = self.own_direction(self.instructions[current])
+        if direction:
+          found.add(direction)
+        else:
+          next_frontier.extend(self.operands(self.instructions[current]))
+      frontier = next_frontier
+    return found
+
   def direction(self, instruction: Instruction) -> str:
     """forward, backward or optimiser/rest.
 
     An op XLA made itself (an expanded select-and-scatter, a layout copy) has no
-    op_name; it takes the direction of the nearest operand, else consumer, that
-    has one.
+    op_name: it is backward if any op it reads (through other unlabelled ops) is,
+    else forward if any is. One that reads nothing labelled (an iota) takes the
+    direction of its consumers, found the same way.
     """
-    for neighbours in (self.operands, lambda i: self.consumers.get(i.name, [])):
-      frontier, seen = [instruction.name], set()
-      for _ in range(8):
-        next_frontier = []
-        for name in frontier:
-          if name in seen:
-            continue
-          seen.add(name)
-          found = self.own_direction(self.instructions[name])
-          if found:
-            return found
-          next_frontier.extend(neighbours(self.instructions[name]))
-        frontier = next_frontier
+    found = self._upstream_directions(instruction.name)
+    if not found:
+      for consumer in self.consumers.get(instruction.name, []):
+        found |= self._upstream_directions(consumer)
+    # Forward ops never read backward values: an op that reads any (a kernel
+    # gradient reads an activation and an output gradient) is backward.
+    for direction in (BACKWARD, FORWARD, REST):
+      if direction in found:
+        return direction
     return REST
 
 
