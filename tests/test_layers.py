@@ -203,3 +203,15 @@ def test_tformer_gradients_unchanged(monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-4,
                                atol=1e-5 * max(1.0, float(np.max(np.abs(b)))),
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_switched_off_max_pool_is_lax_and_differentiable(monkeypatch):
+  """QAT turns the custom gradients off: the pool must still train (lax's gradient)."""
+  monkeypatch.setitem(layers._FAST_GRADIENTS, "enabled", False)
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(1, 7, 7, 2)), jnp.float32)
+  args = ((3, 3), (1, 1), ((1, 1), (1, 1)))
+  jaxpr = jax.make_jaxpr(lambda x: layers.max_pool(x, *args))(x)
+  assert "custom_vjp" not in str(jaxpr)
+  (_, dx_ref), (_, dx) = (_pool_grads(_flax_max_pool, x, *args),
+                          _pool_grads(layers.max_pool, x, *args))
+  np.testing.assert_array_equal(dx, dx_ref)

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -397,7 +398,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 # ---------------------------------------------------------------------------
 
 def _max_pool_forward(x, window, strides, pads):
-  return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max,
+  return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max,
                            (1, *window, 1), (1, *strides, 1),
                            ((0, 0), *pads, (0, 0)))
 

@@ -15,6 +15,12 @@ accelerator JAX sees (CPU here)::
 
 Throughput is timed over --steps steps after one compile+warm-up step, with random
 data already on the device (so it measures the model and optimizer, not tf.data).
+
+The hand-written gradients of `models/layers.py` (depthwise and 1x1 convs, max
+pooling) against XLA's own autodiff of the same forward, one step each in turn for
+--steps rounds (median)::
+
+    python -m vit_edge.tools.bench_train --mode=fast_gradients --models=tformer_s
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from absl import flags
 from vit_edge.tools import step_timing
 from vit_edge.tools import training_runs
 
-_MODE = flags.DEFINE_enum("mode", "accuracy", ["accuracy", "throughput"], "What to measure.")
+_MODE = flags.DEFINE_enum("mode", "accuracy", ["accuracy", "throughput", "fast_gradients"],
+                          "What to measure.")
 _MODELS = flags.DEFINE_list("models", ["tformer_s"], "Registered model names.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per model (throughput).")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per model (throughput); "
+                               "interleaved rounds of one step (fast_gradients).")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size (throughput).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Resolution (throughput).")
 _CONFIG_ARG = flags.DEFINE_string(
@@ -61,6 +69,27 @@ def throughput_row(name: str) -> str:
           f"{seconds:.2f} | {_BATCH.value / seconds:.1f} |")
 
 
+def fast_gradients_row(name: str) -> str:
+  """Median s/step with `layers.use_fast_gradients` off and on, interleaved."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  from vit_edge.models import layers  # pylint: disable=g-import-not-at-top
+  timers = {}
+  try:
+    for enabled in (False, True):  # The switch is read when the step is traced.
+      layers.use_fast_gradients(enabled)
+      timers[enabled] = step_timing.train_step_timer(name, _BATCH.value, _IMAGE_SIZE.value)
+  finally:
+    layers.use_fast_gradients(True)
+  rounds = {enabled: [] for enabled in timers}
+  for _ in range(_STEPS.value):
+    for enabled, time_steps in timers.items():
+      rounds[enabled].append(time_steps(1))
+  off, on = (statistics.median(rounds[e]) for e in (False, True))
+  shown = lambda e: ", ".join(f"{s:.2f}" for s in rounds[e])
+  return (f"| {name} | {_BATCH.value} | {_IMAGE_SIZE.value} | {shown(False)} | "
+          f"{shown(True)} | {off:.2f} | {on:.2f} | {off / on:.2f}x |")
+
+
 def main(argv):
   del argv
   if _MODE.value == "accuracy":
@@ -70,6 +99,12 @@ def main(argv):
     print("|---|---:|---:|---:|")
     for name in _MODELS.value:
       print(accuracy_row(name, parent), flush=True)
+  elif _MODE.value == "fast_gradients":
+    print("| model | batch | resolution | XLA autodiff s/step (rounds) | "
+          "custom gradients s/step (rounds) | median off | median on | speed-up |")
+    print("|---|---:|---:|---|---|---:|---:|---:|")
+    for name in _MODELS.value:
+      print(fast_gradients_row(name), flush=True)
   else:
     print("| model | device | batch | resolution | s/step | images/s |")
     print("|---|---|---:|---:|---:|---:|")
