@@ -34,7 +34,14 @@ def test_depthwise_gradient_equals_lax(size, kernel, stride, padding):
   (y_ref, (dx_ref, dw_ref)) = _grads(lax.conv_general_dilated, x, w, (stride, stride),
                                      padding)
   (y, (dx, dw)) = _grads(layers.conv_general_dilated, x, w, (stride, stride), padding)
-  np.testing.assert_allclose(y, y_ref, rtol=1e-6)
+  # The training forward (shifted multiply-adds) sums in another order than lax.
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5)
+  dims = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  conv = lambda f: (lambda x, w: f(x, w, (stride, stride), padding, dimension_numbers=dims,
+                                   feature_group_count=x.shape[-1]))
+  trained, _ = jax.vjp(conv(layers.conv_general_dilated), x, w)  # the fwd rule's output
+  np.testing.assert_allclose(trained, conv(lax.conv_general_dilated)(x, w),
+                             rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
 
@@ -101,33 +108,36 @@ def test_other_convolutions_go_to_lax_unchanged():
 def test_model_gradients_unchanged(monkeypatch):
   """A whole (small) model's parameter gradient equals the one lax's autodiff gives.
 
-  MobileViTv2 has stride-1 and stride-2 depthwise convs; EdgeViT's convs go through
-  the same function (the per-conv tests above cover its kernel sizes).
+  MobileViTv2 has stride-1 and stride-2 depthwise convs and 1x1 convs; EdgeViT's
+  convs go through the same function (the per-conv tests above cover its kernel
+  sizes). In float64, so that the comparison is about the function and not about
+  float32 rounding: the custom training forward sums the depthwise taps in another
+  order than lax's convolution, and ten layers amplify that to ~1e-4 in float32.
   """
-  name, overrides = "mobilevitv2_050", {"width_multiplier": 0.25}
-  images = jnp.asarray(np.random.default_rng(2).uniform(size=(2, 32, 32, 3)), jnp.float32)
+  name, overrides = "mobilevitv2_050", {"width_multiplier": 0.25, "dtype": jnp.float64}
 
   def grads():
-    model = models.create_model(name, num_classes=5, **overrides)
-    variables = model.init(jax.random.key(0), images)
+    with jax.enable_x64(True):
+      images = jnp.asarray(np.random.default_rng(2).uniform(size=(2, 32, 32, 3)),
+                           jnp.float64)
+      model = models.create_model(name, num_classes=5, **overrides)
+      variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64),
+                               model.init(jax.random.key(0), images))
 
-    def loss(params):
-      logits, _ = model.apply({**variables, "params": params}, images, train=False)
-      return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
-    return jax.jit(jax.grad(loss))(variables["params"])
+      def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, images, train=False)
+        return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+      grads = jax.jit(jax.grad(loss))(variables["params"])
+      assert all(g.dtype == jnp.float64 for g in jax.tree.leaves(grads))
+      return jax.tree.map(np.asarray, grads)
 
   ours = grads()
   monkeypatch.setattr(layers, "conv_general_dilated", lax.conv_general_dilated)
   reference = grads()
-  for path, a in jax.tree_util.tree_leaves_with_path(ours):
-    b = reference
-    for key in path:
-      b = b[key.key]
-    # atol scales with the leaf: an entry much smaller than its neighbours is a
-    # difference of large float32 sums whose order XLA's threads may change (a CI
-    # run saw 3e-5 on a 0.067 BatchNorm-bias entry of a leaf reaching 23).
-    np.testing.assert_allclose(a, b, rtol=1e-4,
-                               atol=1e-5 * max(1.0, float(np.max(np.abs(b)))),
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours),
+                          jax.tree_util.tree_leaves(reference)):
+    np.testing.assert_allclose(a, b, rtol=1e-9,
+                               atol=1e-10 * max(1.0, float(np.max(np.abs(b)))),
                                err_msg=jax.tree_util.keystr(path))
 
 
