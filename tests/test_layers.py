@@ -105,6 +105,31 @@ def test_other_convolutions_go_to_lax_unchanged():
                                  feature_group_count=groups))
 
 
+def _float64_model_grads(name, **overrides):
+  """Parameter gradients of a small model's log-softmax loss, all in float64."""
+  with jax.enable_x64(True):
+    images = jnp.asarray(np.random.default_rng(2).uniform(size=(2, 32, 32, 3)),
+                         jnp.float64)
+    model = models.create_model(name, num_classes=5, dtype=jnp.float64, **overrides)
+    variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64),
+                             model.init(jax.random.key(0), images))
+
+    def loss(params):
+      logits, _ = model.apply({**variables, "params": params}, images, train=False)
+      return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    assert all(g.dtype == jnp.float64 for g in jax.tree.leaves(grads))
+    return jax.tree.map(np.asarray, grads)
+
+
+def _assert_same_gradients(ours, reference):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours),
+                          jax.tree_util.tree_leaves(reference)):
+    np.testing.assert_allclose(a, b, rtol=1e-9,
+                               atol=1e-10 * max(1.0, float(np.max(np.abs(b)))),
+                               err_msg=jax.tree_util.keystr(path))
+
+
 def test_model_gradients_unchanged(monkeypatch):
   """A whole (small) model's parameter gradient equals the one lax's autodiff gives.
 
@@ -114,31 +139,10 @@ def test_model_gradients_unchanged(monkeypatch):
   float32 rounding: the custom training forward sums the depthwise taps in another
   order than lax's convolution, and ten layers amplify that to ~1e-4 in float32.
   """
-  name, overrides = "mobilevitv2_050", {"width_multiplier": 0.25, "dtype": jnp.float64}
-
-  def grads():
-    with jax.enable_x64(True):
-      images = jnp.asarray(np.random.default_rng(2).uniform(size=(2, 32, 32, 3)),
-                           jnp.float64)
-      model = models.create_model(name, num_classes=5, **overrides)
-      variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64),
-                               model.init(jax.random.key(0), images))
-
-      def loss(params):
-        logits, _ = model.apply({**variables, "params": params}, images, train=False)
-        return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
-      grads = jax.jit(jax.grad(loss))(variables["params"])
-      assert all(g.dtype == jnp.float64 for g in jax.tree.leaves(grads))
-      return jax.tree.map(np.asarray, grads)
-
-  ours = grads()
+  overrides = {"width_multiplier": 0.25}
+  ours = _float64_model_grads("mobilevitv2_050", **overrides)
   monkeypatch.setattr(layers, "conv_general_dilated", lax.conv_general_dilated)
-  reference = grads()
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours),
-                          jax.tree_util.tree_leaves(reference)):
-    np.testing.assert_allclose(a, b, rtol=1e-9,
-                               atol=1e-10 * max(1.0, float(np.max(np.abs(b)))),
-                               err_msg=jax.tree_util.keystr(path))
+  _assert_same_gradients(ours, _float64_model_grads("mobilevitv2_050", **overrides))
 
 
 def _pool_grads(pool, x, window, strides, padding):
@@ -192,27 +196,11 @@ def test_max_pool_bf16_and_shape_error():
 
 
 def test_tformer_gradients_unchanged(monkeypatch):
-  """TFormer's parameter gradient equals lax's autodiff (max pools, grouped 1x1 convs)."""
-  images = jnp.asarray(np.random.default_rng(5).uniform(size=(2, 32, 32, 3)), jnp.float32)
-
-  def grads():
-    model = models.create_model("tformer_s", num_classes=5, depths=(1, 1, 1, 1))
-    variables = model.init(jax.random.key(0), images)
-
-    def loss(params):
-      logits, _ = model.apply({**variables, "params": params}, images, train=False)
-      return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
-    return jax.jit(jax.grad(loss))(variables["params"])
-
-  ours = grads()
+  """TFormer's parameter gradient equals lax's autodiff (max pools, 1x1 convs)."""
+  ours = _float64_model_grads("tformer_s", depths=(1, 1, 1, 1))
   monkeypatch.setattr(layers, "max_pool", lambda x, w, s, p: _flax_max_pool(x, w, s, p))
   monkeypatch.setitem(layers._FAST_GRADIENTS, "enabled", False)  # PCS-FFN's convs
-  reference = grads()
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours),
-                          jax.tree_util.tree_leaves(reference)):
-    np.testing.assert_allclose(a, b, rtol=1e-4,
-                               atol=1e-5 * max(1.0, float(np.max(np.abs(b)))),
-                               err_msg=jax.tree_util.keystr(path))
+  _assert_same_gradients(ours, _float64_model_grads("tformer_s", depths=(1, 1, 1, 1)))
 
 
 def test_switched_off_max_pool_is_lax_and_differentiable(monkeypatch):

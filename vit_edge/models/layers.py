@@ -215,6 +215,15 @@ def _accumulation_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _undilated_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers) -> bool:
+  """True for a conv without dilation on NHWC input with an HWIO kernel."""
+  if any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ())):
+    return False
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  return (dimension_numbers == nhwc
+          or dimension_numbers == ("NHWC", "HWIO", "NHWC"))
+
+
 def _is_plain_depthwise(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
                         feature_group_count, batch_group_count) -> bool:
   """True for an undilated 2-D NHWC/HWIO conv with one filter per input channel."""
@@ -223,11 +232,7 @@ def _is_plain_depthwise(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
   channels = lhs.shape[-1]
   if rhs.shape[2:] != (1, channels) or feature_group_count != channels:
     return False
-  if any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ())):
-    return False
-  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-  return (dimension_numbers == nhwc
-          or dimension_numbers == ("NHWC", "HWIO", "NHWC"))
+  return _undilated_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers)
 
 
 def _depthwise_forward(x, w, strides, pads):
@@ -316,9 +321,8 @@ _depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
 # (batched) matmuls over the groups; the forward stays lax's convolution, as for
 # the depthwise conv above.
 
-def _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation,
-                          rhs_dilation, dimension_numbers, feature_group_count,
-                          batch_group_count) -> bool:
+def _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                  dimension_numbers, feature_group_count, batch_group_count) -> bool:
   """True for an undilated, unpadded, stride-1 1x1 NHWC/HWIO conv (any groups)."""
   if lhs.ndim != 4 or batch_group_count != 1:
     return False
@@ -331,11 +335,7 @@ def _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation,
       return False
   elif any(int(p) != 0 for pair in padding for p in pair):
     return False
-  if any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ())):
-    return False
-  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-  return (dimension_numbers == nhwc
-          or dimension_numbers == ("NHWC", "HWIO", "NHWC"))
+  return _undilated_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
