@@ -75,3 +75,21 @@ def test_a_small_run_ports_the_weights_and_times_every_engine(tmp_path, capsys):
   # PyTorch's TFormer and vit_edge's compute the same function on the same weights.
   assert result["reports"]["tformer_s"]["torch_jax_max_abs_logit_diff"] < 1e-4
   assert "| tformer_s | 32 | 1 |" in capsys.readouterr().out
+
+
+def test_efficiency_table_shares_of_the_gemm_peak():
+  report = {"macs": 2_000_000_000}
+  row = _row("deit_tiny_patch16", 1, (40.0, 20.0, 6.0, 4.0, 50.0, 3.0), (5.0, 10.0))
+  row["matmul_peak_gmacs"] = {"numpy": 100.0, "torch": 80.0}
+  old_row = _row("deit_tiny_patch16", 2, (20.0, 6.0, 3.0, 5.0, 6.6, 1.5))
+  lines = bench_peers.efficiency_table(
+      [row, old_row], {"deit_tiny_patch16": report}).splitlines()
+  cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+  assert len(cells) == 3  # The row without a measured peak is left out.
+  got = dict(zip(cells[0], cells[2]))
+  assert got["GMAC/image"] == "2.00" and got["GEMM peak GMAC/s"] == "100.0"
+  # 2 GMAC in 40 / 20 / 50 ms against the faster library's 100 GMAC/s.
+  assert got["torch"] == "50.0 (50%)" and got["ORT fp32"] == "100.0 (100%)"
+  assert got["TFLite fp32"] == "40.0 (40%)"
+  # Training: 3 x 2 GMAC per image at 5 and 10 img/s.
+  assert got["JAX train"] == "30.0 (30%)" and got["torch train"] == "60.0 (60%)"

@@ -30,6 +30,9 @@ thread pool is sized at start), with PyTorch, ONNX Runtime and LiteRT told the s
 count. Within a process the engines take turns, ``--rounds`` times; a figure is the
 median over rounds of each round's median. The table gives the ratios the issue
 tracks (< 1 is vit_edge faster for latency; > 1 is vit_edge faster for training).
+A second table puts each figure against this CPU's compute ceiling: GMAC/s and its
+share of the float32 GEMM rate NumPy and PyTorch reach in the same process (see
+:func:`efficiency_table`), which says how much any engine could still gain.
 Exports are cached in ``--out_dir`` (``--reuse``); ``results.json`` keeps every figure.
 """
 
@@ -132,15 +135,26 @@ def _calibration_images(name: str, size: int, n: int) -> np.ndarray:
       config, info.mean, info.std, n)()), axis=0).astype(np.float32)
 
 
+def _model(name: str, size: int):
+  from vit_edge import models  # pylint: disable=g-import-not-at-top
+  info = models.get_model_info(name)
+  overrides = {"image_size": size} if info.fixed_resolution else {}
+  return models.create_model(name, num_classes=1000, **overrides)
+
+
+def model_macs(name: str, size: int) -> int:
+  """Conv and matmul MACs of one image (traced, not compiled)."""
+  from vit_edge import complexity  # pylint: disable=g-import-not-at-top
+  return complexity.model_macs(_model(name, size), size)
+
+
 def port_weights(name: str, torch_model, size: int):
   """(vit_edge model, variables) holding `torch_model`'s weights."""
   from vit_edge import models  # pylint: disable=g-import-not-at-top
   from vit_edge.tools import import_torch  # pylint: disable=g-import-not-at-top
-  info = models.get_model_info(name)
-  overrides = {"image_size": size} if info.fixed_resolution else {}
-  model = models.create_model(name, num_classes=1000, **overrides)
+  model = _model(name, size)
   state_dict = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
-  family = import_torch.family_module(info.family)
+  family = import_torch.family_module(models.get_model_info(name).family)
   return model, family.convert_torch_state_dict(state_dict, model)
 
 
@@ -188,7 +202,10 @@ def prepare(name: str, args) -> dict[str, Any]:
   paths = _paths(args.out_dir, name, size)
   if args.reuse and all(os.path.exists(p) for p in paths.values()):
     with open(paths["report"]) as f:
-      return json.load(f)
+      report = json.load(f)
+    if "macs" not in report:  # Reports written before the efficiency table.
+      report["macs"] = model_macs(name, size)
+    return report
   torch.manual_seed(0)
   torch_model = peer_models.build(name, 1000, size, args.edgevit_src).eval()
   peer_models.randomize_batch_norm_statistics(torch_model)
@@ -197,6 +214,7 @@ def prepare(name: str, args) -> dict[str, Any]:
   calibration = _calibration_images(name, size, args.calibration_samples)
   report = {"model": name, "image_size": size,
             "params": sum(p.numel() for p in torch_model.parameters()),
+            "macs": model_macs(name, size),
             "torch_jax_max_abs_logit_diff": _torch_jax_parity(
                 torch_model, model, variables, calibration[:2])}
   print(f"[{name}] torch vs JAX max |logit diff| "
@@ -230,6 +248,23 @@ def _median_ms(fn: Callable[[], Any], runs: int, warmup: int) -> float:
     fn()
     times.append(time.perf_counter() - start)
   return 1e3 * float(np.median(times))
+
+
+def matmul_peak_gmacs(threads: int, n: int = 2048, runs: int = 5) -> dict[str, float]:
+  """Float32 GEMM rate (GMAC/s) of NumPy's BLAS and of PyTorch at `threads`.
+
+  The practical compute ceiling of this CPU for the efficiency table: a square
+  n x n x n product, the shape a BLAS runs fastest; the median of `runs`.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  torch.set_num_threads(threads)
+  rates = {}
+  for lib, fn in (("numpy", lambda: a @ b), ("torch", lambda: ta @ tb)):
+    rates[lib] = n ** 3 / 1e9 / (_median_ms(fn, runs, warmup=1) / 1e3)
+  return rates
 
 
 def _inference_fns(name: str, size: int, paths: dict[str, str], threads: int,
@@ -314,7 +349,8 @@ def measure(names: Sequence[str], threads: int, args) -> None:
       for engine, fn in fns.items():
         rounds[engine].append(_median_ms(fn, args.runs, args.warmup))
     row = {"model": name, "image_size": size, "threads": threads,
-           "ms": {e: float(np.median(v)) for e, v in rounds.items()}, "ms_rounds": rounds}
+           "ms": {e: float(np.median(v)) for e, v in rounds.items()}, "ms_rounds": rounds,
+           "matmul_peak_gmacs": matmul_peak_gmacs(threads)}
     del fns
     if args.train_steps and name in train_models:
       timers = {"jax": step_timing.train_step_timer(name, args.train_batch, size),
@@ -369,6 +405,38 @@ def table(rows: Sequence[dict[str, Any]], reports: dict[str, dict[str, Any]]) ->
   return "\n".join(lines)
 
 
+def _share(gmacs: float, peak: float) -> str:
+  return f"{gmacs:.1f} ({100 * gmacs / peak:.0f}%)"
+
+
+def efficiency_table(rows: Sequence[dict[str, Any]],
+                     reports: dict[str, dict[str, Any]]) -> str:
+  """Markdown: each engine's GMAC/s and its share of the measured GEMM peak.
+
+  Inference: conv/matmul MACs of one image over the latency. Training: 3x the
+  forward MACs per image (forward, input gradient, weight gradient) times img/s.
+  The peak is the faster of NumPy's and PyTorch's square float32 GEMM measured in
+  the same process, so a share near 100% leaves a framework nothing to gain.
+  """
+  lines = ["| model | res | threads | GMAC/image | GEMM peak GMAC/s | torch | ORT fp32 | "
+           "TFLite fp32 | JAX train | torch train |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for row in rows:
+    peak = row.get("matmul_peak_gmacs")
+    if not peak:  # Rows measured before the efficiency table.
+      continue
+    peak = max(peak.values())
+    gmac = reports[row["model"]]["macs"] / 1e9
+    cells = [_share(gmac / (row["ms"][e] / 1e3), peak)
+             for e in ("torch", "ort_fp32", "tflite_fp32")]
+    train = row.get("train_img_s", {})
+    cells += [_share(3 * gmac * train[k], peak) if k in train else "-"
+              for k in ("jax", "torch")]
+    lines.append(f"| {row['model']} | {row['image_size']} | {row['threads']} | "
+                 f"{gmac:.2f} | {peak:.1f} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def _run_child(threads: int, argv: Sequence[str]) -> None:
   """This script with --child_threads, pinned to `threads` CPUs before any import."""
   cpus = sorted(os.sched_getaffinity(0))
@@ -414,7 +482,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  text = table(rows, reports)
+  text = table(rows, reports) + "\n\n" + efficiency_table(rows, reports)
   with open(os.path.join(args.out_dir, "results.json"), "w") as f:
     json.dump({"rows": rows, "reports": reports,
                "settings": {k: v for k, v in vars(args).items()}}, f, indent=2)
