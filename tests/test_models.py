@@ -38,6 +38,7 @@ PINNED_PARAMS = {
     # Routed MobileViTv2 (mixture of experts), a reconstruction: mobilevitv2_moe.py.
     "mobilevitv2_moe_s": 1_375_969,
     "mobilevitv2_moe_xs": 1_203_169,
+    "mobilevitv2_moe_m": 1_446_471,
     # Segmentation heads (vit_edge/models/segmentation.py; FPN width 64) with a
     # 1000-class 1x1 classifier: the backbone without its classifier + the head.
     "fpn_edgevit_xxs": 4_285_176,
@@ -93,8 +94,8 @@ def test_tformer_matches_published_params_at_published_precision(
 def test_list_models_patterns():
   assert models.list_models("edgevit_*") == ["edgevit_s", "edgevit_xs", "edgevit_xxs"]
   assert len(models.list_models("mobilevitv2_[0-9]*")) == 7
-  assert models.list_models("mobilevitv2_moe_*") == ["mobilevitv2_moe_s",
-                                                     "mobilevitv2_moe_xs"]
+  assert models.list_models("mobilevitv2_moe_*") == [
+      "mobilevitv2_moe_m", "mobilevitv2_moe_s", "mobilevitv2_moe_xs"]
   assert models.list_models("no_such_*") == []
   assert set(SMALLEST.values()) <= set(models.list_models())
 

@@ -309,12 +309,13 @@ def test_export_form_dispatches_top2_layers_densely_with_the_same_outputs():
 def test_routed_models_pinned_near_their_targets():
   counts = {}
   for name in ("mobilevitv2_100", "mobilevitv2_050", "mobilevitv2_moe_xs",
-               "mobilevitv2_moe_s"):
+               "mobilevitv2_moe_s", "mobilevitv2_moe_m"):
     model = models.create_model(name)
     variables = jax.eval_shape(model.init, jax.random.key(0),
                                jnp.zeros((1, 256, 256, 3)))
     counts[name] = complexity.count_params(variables["params"])
   assert counts["mobilevitv2_moe_xs"] <= 0.3 * counts["mobilevitv2_100"]
+  assert counts["mobilevitv2_moe_m"] <= 0.3 * counts["mobilevitv2_100"]
   assert abs(counts["mobilevitv2_moe_s"] / counts["mobilevitv2_050"] - 1) < 0.01
 
 
