@@ -23,6 +23,11 @@ losses open, so every choice below is a reconstruction, with V-MoE
   quarter of the FFN per token (top-1): near mobilevitv2_050's size.
   ``mobilevitv2_moe_xs`` halves them (h_e = d / 4) with top-2 so a token still
   sees two experts: near 1.2M parameters, a quarter of mobilevitv2_100.
+* ``mobilevitv2_moe_m`` spends the routed FFNs' savings on width instead: width
+  7/12, every transformer layer routed (stage 3 too), h_e = d / 8, top-2; 0.295x
+  mobilevitv2_100's parameters. mobilevitv2_moe_xs ties mobilevitv2_050 on
+  Fashion-MNIST with a quarter of its late FFN compute, so the FFN width is not
+  what the dense model's extra accuracy comes from; the backbone width is.
 * Capacity factors 1.05 (training, V-MoE) and 1.25 (eval/export); noise std 1/E.
 
 Example::

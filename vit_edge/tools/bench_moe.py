@@ -46,7 +46,7 @@ from vit_edge.models import moe
 from vit_edge.runtime import latency
 
 DEFAULT_MODELS = ("mobilevitv2_100", "mobilevitv2_050", "mobilevitv2_moe_xs",
-                  "mobilevitv2_moe_s")
+                  "mobilevitv2_moe_s", "mobilevitv2_moe_m")
 
 
 def _eval_images(image_size: int, count: int, mean, std, run_config=None
