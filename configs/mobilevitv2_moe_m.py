@@ -10,7 +10,7 @@ vit_edge/objectives/balance.py). Default (offline digits, 64x64)::
 Fashion-MNIST (offline IDX files; sudo apt-get install dataset-fashion-mnist)::
 
     python -m vit_edge.main --config=configs/mobilevitv2_moe_m.py:fashion \
-        --workdir=workdir/mobilevitv2_moe_m_fashion
+        --config.image_size=64 --workdir=workdir/mobilevitv2_moe_m_fashion64
 
 Other balance losses: ``--config.objective.name=cross_entropy+moe_switch+moe_z``.
 Routing options through the model fields, e.g.
