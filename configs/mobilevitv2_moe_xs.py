@@ -20,12 +20,7 @@ README "Routed MobileViTv2").
 """
 
 from vit_edge import recipes
-from vit_edge.objectives import balance
 
 
 def get_config(arg=None):
-  c = recipes.get_config("mobilevitv2_moe_xs", arg)
-  with c.unlocked():
-    c.objective.name = "cross_entropy+moe_importance+moe_load"
-    c.objective.moe = balance.default_config()
-  return c
+  return recipes.routed_config("mobilevitv2_moe_xs", arg)

@@ -32,6 +32,7 @@ import ml_collections
 from vit_edge import models
 from vit_edge import objectives
 from vit_edge.compress import qat
+from vit_edge.objectives import balance
 
 # Published widths of MobileViTv2 -> (max lr, weight decay) at batch 1024.
 _MOBILEVITV2_LR_WD = {
@@ -218,6 +219,22 @@ def get_config(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
   if "fsdp" in args:
     c.mesh.fsdp = -1  # All devices (see sharding.create_mesh).
   c.lock()
+  return c
+
+
+def routed_config(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config` for a routed (mixture-of-experts) model: label cross-entropy plus
+  V-MoE's importance and load losses, weighted by ``config.objective.moe``
+  (vit_edge/objectives/balance.py). The configs/mobilevitv2_moe_*.py files use it.
+
+  Example::
+
+      routed_config("mobilevitv2_moe_xs", "fashion")
+  """
+  c = get_config(model, arg)
+  with c.unlocked():
+    c.objective.name = "cross_entropy+moe_importance+moe_load"
+    c.objective.moe = balance.default_config()
   return c
 
 
