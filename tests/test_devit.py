@@ -165,6 +165,22 @@ def test_a_seed_repeats_every_stage_but_the_teacher_in_its_own_directories():
   assert stages.run_dirs(stages.parse_arg("root=/r"))["single"] == "/r/n2/single"
 
 
+def test_a_longer_trained_teacher_has_its_own_run_and_students():
+  default = stages.teacher_config("root=/r")
+  stronger = stages.teacher_config("root=/r,teacher_epochs=8")
+  assert stronger.num_epochs == 8.0 != default.num_epochs
+  sub_teacher = stages.sub_teacher_config("n=2,k=0,root=/r,teacher_epochs=8")
+  assert sub_teacher.init_from == "/r/teacher_e8"
+  assert sub_teacher.num_epochs == stages.sub_teacher_config("n=2,k=0").num_epochs
+  ensemble = stages.ensemble_config("n=2,root=/r,teacher_epochs=8,seed=1")
+  assert ensemble.teacher.workdir == "/r/teacher_e8"
+  assert ensemble.init_from == "/r/n2_teacher_e8_seed1/ensemble_init"
+  single = stages.single_config("n=2,root=/r,teacher_epochs=8")
+  assert single.num_epochs == stages.single_config("n=2").num_epochs
+  with pytest.raises(ValueError, match="teacher_epochs='many'"):
+    stages.parse_arg("teacher_epochs=many")
+
+
 # ----------------------------------------------------------------------------------
 # The stacked ensemble.
 

@@ -24,7 +24,11 @@ the registered model's, e.g. 12; fewer for quick runs), ``sub_teachers`` (1, the
 paper's default; 0: no sub-teachers, each sub-model distils from the full-data
 teacher's logits restricted to its classes; run directories ``n{N}_no_sub_teachers``),
 ``seed`` (default 0: the training seed of every stage but the teacher, which all
-seeds share; another seed runs in ``n{N}_seed{S}``, for the seed-to-seed spread).
+seeds share; another seed runs in ``n{N}_seed{S}``, for the seed-to-seed spread),
+``teacher_epochs`` (default: the teacher recipe's; more for a stronger teacher, as
+DeViT's is a pretrained ViT-B: it trains in ``teacher_e{E}`` and every later stage
+in ``n{N}_teacher_e{E}``; sub-teachers, sub-models, ensemble and single keep their
+own recipes' epochs).
 
 Example::
 
@@ -44,7 +48,7 @@ from vit_edge.devit import decompose
 _DEFAULTS = {"n": "2", "k": "", "classes": "10", "teacher": "deit_small_patch16",
              "width": "192", "depth": "12", "heads": "3", "distilled": "0",
              "failout": "0.25", "root": "workdir/devit", "teacher_depth": "",
-             "sub_teachers": "1", "seed": "0"}
+             "sub_teachers": "1", "seed": "0", "teacher_epochs": ""}
 
 
 def parse_arg(arg: str | None) -> dict[str, Any]:
@@ -64,8 +68,18 @@ def parse_arg(arg: str | None) -> dict[str, Any]:
              failout=float(options["failout"]),
              sub_teachers=options["sub_teachers"] in ("1", "true"),
              seed=int(options["seed"]))
+  if options["teacher_epochs"] and not _is_positive_number(options["teacher_epochs"]):
+    raise ValueError(f"teacher_epochs={options['teacher_epochs']!r}: expected a positive "
+                     "number of epochs, e.g. 'teacher_epochs=8'.")
   out["subsets"] = decompose.class_subsets(out["classes"], out["n"])
   return out
+
+
+def _is_positive_number(text: str) -> bool:
+  try:
+    return float(text) > 0
+  except ValueError:
+    return False
 
 
 def _device(options: dict[str, Any]) -> int:
@@ -81,11 +95,15 @@ def _device(options: dict[str, Any]) -> int:
 def run_dirs(options: dict[str, Any]) -> dict[str, Any]:
   """The default run directory of every stage."""
   base = f"{options['root']}/n{options['n']}"
+  teacher = f"{options['root']}/teacher"
+  if options["teacher_epochs"]:  # Another teacher: every stage after it is another run.
+    teacher += f"_e{options['teacher_epochs']}"
+    base += f"_teacher_e{options['teacher_epochs']}"
   if not options["sub_teachers"]:  # Another experiment: its own directories.
     base += "_no_sub_teachers"
   if options["seed"]:  # A repeat for the seed-to-seed spread; the teacher is shared.
     base += f"_seed{options['seed']}"
-  return {"teacher": f"{options['root']}/teacher",
+  return {"teacher": teacher,
           "sub_teachers": [f"{base}/sub_teacher_{k}" for k in range(options["n"])],
           "submodels": [f"{base}/submodel_{k}" for k in range(options["n"])],
           "ensemble_init": f"{base}/ensemble_init", "ensemble": f"{base}/ensemble",
@@ -111,7 +129,12 @@ def _teacher_base(options: dict[str, Any]) -> ml_collections.ConfigDict:
 
 def teacher_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The large model on every class (the DEKD ensemble's teacher)."""
-  return _teacher_base(parse_arg(arg))
+  options = parse_arg(arg)
+  c = _teacher_base(options)
+  if options["teacher_epochs"]:  # Sub-teachers fine-tune with the recipe's epochs.
+    with c.unlocked():
+      c.num_epochs = float(options["teacher_epochs"])
+  return c
 
 
 def sub_teacher_config(arg: str | None = None) -> ml_collections.ConfigDict:
