@@ -68,18 +68,23 @@ def parse_arg(arg: str | None) -> dict[str, Any]:
              failout=float(options["failout"]),
              sub_teachers=options["sub_teachers"] in ("1", "true"),
              seed=int(options["seed"]))
-  if options["teacher_epochs"] and not _is_positive_number(options["teacher_epochs"]):
-    raise ValueError(f"teacher_epochs={options['teacher_epochs']!r}: expected a positive "
-                     "number of epochs, e.g. 'teacher_epochs=8'.")
+  out["teacher_epochs"] = _teacher_epochs(options["teacher_epochs"])
   out["subsets"] = decompose.class_subsets(out["classes"], out["n"])
   return out
 
 
-def _is_positive_number(text: str) -> bool:
+def _teacher_epochs(text: str) -> float | None:
+  """None (the recipe's epochs) or a positive number; "8" and "8.0" are the same run."""
+  if not text:
+    return None
   try:
-    return float(text) > 0
+    epochs = float(text)
   except ValueError:
-    return False
+    epochs = 0.0
+  if epochs <= 0:
+    raise ValueError(f"teacher_epochs={text!r}: expected a positive number of epochs, "
+                     "e.g. 'teacher_epochs=8'.")
+  return epochs
 
 
 def _device(options: dict[str, Any]) -> int:
@@ -97,8 +102,8 @@ def run_dirs(options: dict[str, Any]) -> dict[str, Any]:
   base = f"{options['root']}/n{options['n']}"
   teacher = f"{options['root']}/teacher"
   if options["teacher_epochs"]:  # Another teacher: every stage after it is another run.
-    teacher += f"_e{options['teacher_epochs']}"
-    base += f"_teacher_e{options['teacher_epochs']}"
+    teacher += f"_e{options['teacher_epochs']:g}"
+    base += f"_teacher_e{options['teacher_epochs']:g}"
   if not options["sub_teachers"]:  # Another experiment: its own directories.
     base += "_no_sub_teachers"
   if options["seed"]:  # A repeat for the seed-to-seed spread; the teacher is shared.
@@ -133,7 +138,7 @@ def teacher_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = _teacher_base(options)
   if options["teacher_epochs"]:  # Sub-teachers fine-tune with the recipe's epochs.
     with c.unlocked():
-      c.num_epochs = float(options["teacher_epochs"])
+      c.num_epochs = options["teacher_epochs"]
   return c
 
 
