@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -80,8 +81,8 @@ def _teacher_epochs(text: str) -> float | None:
   try:
     epochs = float(text)
   except ValueError:
-    epochs = 0.0
-  if epochs <= 0:
+    epochs = math.nan
+  if not 0 < epochs < math.inf:  # Also rejects "nan" and "inf", which float() accepts.
     raise ValueError(f"teacher_epochs={text!r}: expected a positive number of epochs, "
                      "e.g. 'teacher_epochs=8'.")
   return epochs
