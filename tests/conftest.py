@@ -13,6 +13,12 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+# The suite runs with the XLA options that training uses by default (a Trainer
+# made here would be too late: an earlier test has started the backend).
+from vit_edge import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+xla_flags.apply_defaults()
+
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

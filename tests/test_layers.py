@@ -213,3 +213,28 @@ def test_switched_off_max_pool_is_lax_and_differentiable(monkeypatch):
   (_, dx_ref), (_, dx) = (_pool_grads(_flax_max_pool, x, *args),
                           _pool_grads(layers.max_pool, x, *args))
   np.testing.assert_array_equal(dx, dx_ref)
+
+
+def test_gelu_is_jax_exact_gelu_with_its_gradient():
+  """layers.gelu: the primal is jax's exact GELU (what export rewrites match); the
+  training rule (erf form, one exp) gives the same values and gradients."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 4001, dtype=jnp.float32),
+                       jnp.asarray([0.0, -0.0, 1e-30, -1e-30], jnp.float32)])
+  reference = lambda t: nn.gelu(t, approximate=False)  # pylint: disable=unnecessary-lambda-assignment
+  np.testing.assert_array_equal(layers.gelu(x), reference(x))
+  assert "erfc" in str(jax.make_jaxpr(layers.gelu)(x))
+  value, tangent = jax.jvp(layers.gelu, (x,), (jnp.ones_like(x),))
+  ref_value, ref_tangent = jax.jvp(reference, (x,), (jnp.ones_like(x),))
+  np.testing.assert_allclose(value, ref_value, rtol=2e-6, atol=2e-6)
+  np.testing.assert_allclose(tangent, ref_tangent, rtol=2e-6, atol=2e-6)
+  # Through jit, vmap and a second derivative, in bfloat16 and float64 too.
+  second = jax.jit(jax.vmap(jax.grad(jax.grad(layers.gelu))))(x)
+  np.testing.assert_allclose(second, jax.vmap(jax.grad(jax.grad(reference)))(x),
+                             rtol=1e-5, atol=1e-5)
+  xb = x.astype(jnp.bfloat16)
+  assert jax.grad(lambda t: layers.gelu(t).sum())(xb).dtype == jnp.bfloat16
+  with jax.enable_x64(True):
+    x64 = x.astype(jnp.float64)
+    np.testing.assert_allclose(jax.vmap(jax.grad(layers.gelu))(x64),
+                               jax.vmap(jax.grad(reference))(x64), rtol=1e-12, atol=1e-14)

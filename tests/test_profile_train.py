@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vit_edge.tools import profile_train
 
@@ -88,3 +89,16 @@ def test_every_thunk_of_a_real_compiled_step_is_parsed():
   directions = {module.direction(i) for i in module.instructions.values()
                 if i.opcode not in ("parameter", "constant")}
   assert "backward" in directions
+
+
+def test_async_thunks_last_until_their_end_event():
+  """An Eigen matmul thunk (dots off YNNPACK, the default) runs asynchronously: its
+  own event is the launch, its time runs until ``end: <name>``."""
+  events = [("dot.1", 0, 10), ("fusion.2", 20, 30), ("end: dot.1", 1000, 5),
+            ("fusion.3", 1100, 50), ("end: fusion.3", 1150, 1), ("other", 0, 99),
+            ("dot.1", 2000, 10), ("end: dot.1", 2500, 0)]
+  seconds = profile_train.line_seconds(events, {"dot.1", "fusion.2", "fusion.3"})
+  assert seconds["dot.1"] == pytest.approx((1005 + 500) * 1e-12)
+  assert seconds["fusion.2"] == pytest.approx(30e-12)
+  assert seconds["fusion.3"] == pytest.approx(51e-12)
+  assert "other" not in seconds

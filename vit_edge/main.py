@@ -44,6 +44,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from vit_edge import rundir
+from vit_edge import xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/tformer_s.py or "
@@ -292,6 +293,7 @@ def _is_user_error(error: BaseException) -> bool:
 
 
 def _setup_jax() -> None:
+  xla_flags.apply_defaults()  # Before the first computation starts the backend.
   if _NUM_CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
   if _COORDINATOR.value:

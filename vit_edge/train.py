@@ -46,6 +46,7 @@ from vit_edge import objectives
 from vit_edge import optimizer
 from vit_edge import rundir
 from vit_edge import sharding
+from vit_edge import xla_flags
 from vit_edge.compress import qat
 from vit_edge.segmentation import metrics as segmentation_metrics
 
@@ -242,6 +243,7 @@ class Trainer:
                for_training: bool = True):
     """With ``for_training=False`` (evaluation) no teacher is loaded: evaluation
     needs only the student, so a distilled run evaluates without its teacher."""
+    xla_flags.apply_defaults()  # Notebooks and tools come here, not via main.
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.create_mesh(config.mesh)

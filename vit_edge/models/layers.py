@@ -41,7 +41,28 @@ def torch_conv_bias_init(fan_in: int):
   return init
 
 # PyTorch nn.GELU() is the exact erf form; Flax defaults to the tanh approximation.
-gelu = functools.partial(nn.gelu, approximate=False)
+_exact_gelu = functools.partial(nn.gelu, approximate=False)
+
+
+@jax.custom_jvp
+def gelu(x: jax.Array) -> jax.Array:
+  """The exact GELU, x * Phi(x), with a training pass XLA:CPU computes once.
+
+  The primal is ``jax.nn.gelu(approximate=False)``, so inference and export
+  (whose rewrites match its erfc) are unchanged. Under differentiation, XLA
+  fused autodiff's erfc into two loops (the value and the derivative both read
+  it), about 6% of a DeiT-Ti train step; this rule computes Phi once, with erf
+  (PyTorch's own form, within 3e-7 of the erfc one), and the density with one exp.
+  """
+  return _exact_gelu(x)
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+  (x,), (tangent,) = primals, tangents
+  cdf = 0.5 * (1.0 + lax.erf(x * np.asarray(1.0 / math.sqrt(2.0), x.dtype)))
+  pdf = jnp.exp(-0.5 * x * x) * np.asarray(1.0 / math.sqrt(2.0 * math.pi), x.dtype)
+  return x * cdf, tangent * (cdf + x * pdf)
 
 
 def make_divisible(value: float, divisor: int = 8,

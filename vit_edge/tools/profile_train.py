@@ -14,7 +14,9 @@ For each model, on random data already on the device (the same setup as
    (its opcode; for a fusion, the ops it fuses) and by the JAX ``op_name`` XLA
    keeps: ``transpose(jvp(...))`` is backward, ``jvp(...)`` forward, anything
    else the optimiser and the rest. Times are summed over the XLA threads, so
-   shares are of CPU time, not of wall time.
+   shares are of CPU time, not of wall time; an asynchronous thunk (an Eigen
+   matmul, which the default XLA options give every dot) counts from its start
+   to its ``end:`` event.
 3. **The slowest instructions** of that step, with shapes and JAX op names.
 
 Nothing here is run by the tests except the HLO classification (tests/test_profile_train.py).
@@ -199,7 +201,6 @@ class HloModule:
 def thunk_seconds(trace_dir: str, known: Iterable[str]) -> dict[str, float]:
   """Seconds per HLO instruction in a jax.profiler trace, summed over threads."""
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
-  known = set(known)
   totals: dict[str, float] = collections.Counter()
   for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
     space = xplane_pb2.XSpace()
@@ -207,10 +208,31 @@ def thunk_seconds(trace_dir: str, known: Iterable[str]) -> dict[str, float]:
       space.ParseFromString(f.read())
     for plane in space.planes:
       for line in plane.lines:
-        for event in line.events:
-          name = plane.event_metadata[event.metadata_id].name
-          if name in known:
-            totals[name] += event.duration_ps * 1e-12
+        events = [(plane.event_metadata[e.metadata_id].name, e.offset_ps, e.duration_ps)
+                  for e in line.events]
+        totals.update(line_seconds(events, known))
+  return dict(totals)
+
+
+def line_seconds(events: Iterable[tuple[str, int, int]], known: Iterable[str]
+                 ) -> dict[str, float]:
+  """Seconds per known instruction from one trace line's (name, offset, duration) in ps.
+
+  A thunk that XLA:CPU runs asynchronously (an Eigen matmul on its thread pool)
+  records a short event when it starts and an ``end: <name>`` event when it is
+  done; it lasts from the first to the end of the second. A synchronous one is
+  its own event's duration.
+  """
+  known = set(known)
+  totals: dict[str, float] = collections.Counter()
+  started: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+  for name, offset, duration in sorted(events, key=lambda e: e[1]):
+    if name.startswith("end: ") and started.get(name[5:]):
+      start, own = started[name[5:]].pop(0)
+      totals[name[5:]] += (max(offset + duration - start, own) - own) * 1e-12
+    elif name in known:
+      totals[name] += duration * 1e-12
+      started[name].append((offset, duration))
   return dict(totals)
 
 
