@@ -6,12 +6,13 @@ device query), so the options go into the environment before that: from
 notebooks and tools. Child processes inherit them.
 
 The one option today hands XLA:CPU's single dots (matmuls) back to its Eigen
-kernels instead of YNNPACK, whose kernels are slower on this code's train-step
-shapes: in one process per setting, alternated, batch 32, one pinned core,
-DeiT-Ti's step took 18% less time, MobileViTv2-0.5's 13%, TFormer-S's 7% and
-EdgeViT-XXS's 4% (README "Performance notes" has the tables and the command).
-It changes which kernel computes a matmul, not the function: results differ
-only by float32 summation order.
+kernels instead of YNNPACK, which is slower on this code's train-step shapes:
+DeiT-Ti's step took 6-22% less time in every alternated round at one and two
+threads; EdgeViT, MobileViTv2 and TFormer moved by less than their
+round-to-round spread (README "Performance notes" has the tables and commands).
+The option is process-wide, so it is on for every family. It changes which
+kernel computes a matmul, not the function: results differ only by float32
+summation order.
 
 Left alone when the user's ``XLA_FLAGS`` already sets the option, when
 ``VIT_EDGE_XLA_DEFAULTS=0``, when jaxlib is not a version the option was

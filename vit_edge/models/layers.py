@@ -49,10 +49,11 @@ def gelu(x: jax.Array) -> jax.Array:
   """The exact GELU, x * Phi(x), with a training pass XLA:CPU computes once.
 
   The primal is ``jax.nn.gelu(approximate=False)``, so inference and export
-  (whose rewrites match its erfc) are unchanged. Under differentiation, XLA
-  fused autodiff's erfc into two loops (the value and the derivative both read
-  it), about 6% of a DeiT-Ti train step; this rule computes Phi once, with erf
-  (PyTorch's own form, within 3e-7 of the erfc one), and the density with one exp.
+  (whose rewrites match its erfc) are unchanged. Under differentiation, XLA put
+  autodiff's erfc into two fused loops (the value and the derivative both read
+  it); this rule computes Phi once, with erf (PyTorch's own form, within 3e-7 of
+  the erfc one), and the density with one exp. In a profiled DeiT-Ti step the
+  GELU work fell from 0.28 to 0.22 CPU s (README "Performance notes").
   """
   return _exact_gelu(x)
 
