@@ -3,6 +3,7 @@
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -127,6 +128,8 @@ def test_conflicting_command_leaves_a_finished_run_intact(tmp_path):
   # ... both are in the log file.
   log = open(os.path.join(workdir, rundir.LOG_FILE)).read()
   assert "head/kernel" in log and "[Hyperparameters]" in log
+  # ... and so are the XLA options the timings depend on (vit_edge.xla_flags).
+  assert re.search(r"XLA_FLAGS='[^']*--xla_cpu_experimental_ynn_fusion_type=", log)
   before = _digest(workdir)
 
   other_model = _run(f"--config={TINY}:model=edgevit_xxs", f"--workdir={workdir}")
