@@ -59,6 +59,15 @@ def test_opt_out_unchecked_jaxlib_and_started_backend(fresh_process, monkeypatch
   assert "XLA_FLAGS" not in os.environ
 
 
+@pytest.mark.parametrize("value", ["false", "off", "2", ""])
+def test_an_unknown_switch_value_is_an_error_naming_it(fresh_process, monkeypatch, value):
+  del fresh_process
+  monkeypatch.setenv(xla_flags.OPT_OUT_VARIABLE, value)
+  with pytest.raises(ValueError, match=f"VIT_EDGE_XLA_DEFAULTS={value!r}.*expected 0"):
+    xla_flags.apply_defaults()
+  assert "XLA_FLAGS" not in os.environ
+
+
 _PROBE = """
 import jax, jax.numpy as jnp
 from vit_edge import xla_flags

@@ -45,7 +45,12 @@ def apply_defaults() -> list[str]:
 
   Idempotent. Call before the first JAX computation of the process.
   """
-  if os.environ.get(OPT_OUT_VARIABLE, "1") == "0":
+  switch = os.environ.get(OPT_OUT_VARIABLE, "1").strip()
+  if switch not in ("0", "1"):
+    raise ValueError(f"{OPT_OUT_VARIABLE}={switch!r} is not understood; expected 0 "
+                     "(leave XLA_FLAGS alone) or 1 (add vit_edge's XLA defaults, the "
+                     "default). Set it to one of those or unset it.")
+  if switch == "0":
     return []
   import jaxlib  # pylint: disable=g-import-not-at-top
   if jaxlib.__version__ not in CHECKED_JAXLIB_VERSIONS:
