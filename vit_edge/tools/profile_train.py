@@ -32,7 +32,7 @@ import re
 import statistics
 import tempfile
 import time
-from typing import Iterable
+from typing import Container, Iterable
 
 from absl import app
 from absl import flags
@@ -201,6 +201,7 @@ class HloModule:
 def thunk_seconds(trace_dir: str, known: Iterable[str]) -> dict[str, float]:
   """Seconds per HLO instruction in a jax.profiler trace, summed over threads."""
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+  known = set(known)  # Once, not per trace line.
   totals: dict[str, float] = collections.Counter()
   for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
     space = xplane_pb2.XSpace()
@@ -214,7 +215,7 @@ def thunk_seconds(trace_dir: str, known: Iterable[str]) -> dict[str, float]:
   return dict(totals)
 
 
-def line_seconds(events: Iterable[tuple[str, int, int]], known: Iterable[str]
+def line_seconds(events: Iterable[tuple[str, int, int]], known: Container[str]
                  ) -> dict[str, float]:
   """Seconds per known instruction from one trace line's (name, offset, duration) in ps.
 
@@ -223,7 +224,6 @@ def line_seconds(events: Iterable[tuple[str, int, int]], known: Iterable[str]
   done; it lasts from the first to the end of the second. A synchronous one is
   its own event's duration.
   """
-  known = set(known)
   totals: dict[str, float] = collections.Counter()
   started: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
   for name, offset, duration in sorted(events, key=lambda e: e[1]):
