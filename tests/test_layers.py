@@ -1,4 +1,4 @@
-"""Shared layers: the hand-written gradients of depthwise and grouped 1x1 convs, max pooling."""
+"""Shared layers: the hand-written gradients of depthwise and grouped 1x1 convs, Dense, max pooling."""
 
 import jax
 from jax import lax
@@ -142,7 +142,71 @@ def test_model_gradients_unchanged(monkeypatch):
   overrides = {"width_multiplier": 0.25}
   ours = _float64_model_grads("mobilevitv2_050", **overrides)
   monkeypatch.setattr(layers, "conv_general_dilated", lax.conv_general_dilated)
+  monkeypatch.setattr(layers, "dense_dot_general", lax.dot_general)
   _assert_same_gradients(ours, _float64_model_grads("mobilevitv2_050", **overrides))
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("deit_tiny_patch16", {"depth": 2, "image_size": 32}),
+    ("edgevit_xxs", {"depths": (1, 1, 1, 1)}),
+])
+def test_dense_model_gradients_unchanged(monkeypatch, name, overrides):
+  """DeiT's and EdgeViT's parameter gradients (Dense layers, 1x1 convs) equal autodiff's."""
+  ours = _float64_model_grads(name, **overrides)
+  monkeypatch.setitem(layers._FAST_GRADIENTS, "enabled", False)
+  _assert_same_gradients(ours, _float64_model_grads(name, **overrides))
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 12), (2, 3, 5, 12)])
+def test_dense_gradient_equals_lax(shape):
+  """nn.Dense's contraction: lax's forward, gradients as 2-D matmuls, same values."""
+  rng = np.random.default_rng(len(shape))
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(12, 9)), jnp.float32)
+  dims = (((len(shape) - 1,), (0,)), ((), ()))
+
+  def grads(dot_general, x, w):
+    loss = lambda x, w: jnp.sum(jnp.sin(dot_general(x, w, dims).astype(jnp.float32)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+
+  assert "custom_vjp" in str(jax.make_jaxpr(
+      lambda x, w: layers.dense_dot_general(x, w, dims))(x, w))
+  (y_ref, (dx_ref, dw_ref)), (y, (dx, dw)) = (grads(lax.dot_general, x, w),
+                                              grads(layers.dense_dot_general, x, w))
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
+  # bfloat16 (a bf16 Dense): gradients keep the operand dtypes, same values as lax's
+  # up to bf16 rounding of the float32-accumulated products.
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  (_, (dxb_ref, dwb_ref)), (_, (dxb, dwb)) = (grads(lax.dot_general, xb, wb),
+                                              grads(layers.dense_dot_general, xb, wb))
+  assert dxb.dtype == dwb.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(dxb), np.float32(dxb_ref), rtol=2e-2, atol=5e-2)
+  np.testing.assert_allclose(np.float32(dwb), np.float32(dwb_ref), rtol=2e-2, atol=5e-2)
+
+
+def test_other_dots_go_to_lax_unchanged(monkeypatch):
+  """2-D inputs, batch dimensions, other contractions, precision, mixed dtypes and
+  the switched-off state are lax's dot_general itself (no custom_vjp)."""
+  rng = np.random.default_rng(3)
+  x3 = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+  plain = (((2,), (0,)), ((), ()))
+  cases = [
+      (x3[0], w, (((1,), (0,)), ((), ())), {}),                  # 2-D: already a matmul
+      (x3, jnp.ones((2, 6, 5)), (((2,), (1,)), ((0,), (0,))), {}),  # batched
+      (x3, w.T, (((2,), (1,)), ((), ())), {}),                   # kernel [O, C]
+      (x3, w, plain, {"precision": lax.Precision.HIGHEST}),
+      (x3, w.astype(jnp.bfloat16), plain, {}),
+  ]
+  for lhs, rhs, dims, kwargs in cases:
+    jaxpr = str(jax.make_jaxpr(
+        lambda a, b, dims=dims, kwargs=kwargs: layers.dense_dot_general(a, b, dims, **kwargs))(lhs, rhs))
+    assert "custom_vjp" not in jaxpr, (lhs.shape, rhs.shape, dims, kwargs)
+  monkeypatch.setitem(layers._FAST_GRADIENTS, "enabled", False)
+  assert "custom_vjp" not in str(jax.make_jaxpr(
+      lambda a, b: layers.dense_dot_general(a, b, plain))(x3, w))
 
 
 def _pool_grads(pool, x, window, strides, padding):

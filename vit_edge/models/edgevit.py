@@ -187,7 +187,8 @@ class GlobalSparseAttn(nn.Module):
     head_dim = self.head_dim or c // self.num_heads
     inner = self.num_heads * head_dim
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=layers.trunc_normal,
-                              bias_init=nn.initializers.zeros)
+                              bias_init=nn.initializers.zeros,
+                              dot_general=layers.dense_dot_general)
     if r > 1:
       # AvgPool2d(kernel_size=1, stride=r): keep the top-left token of each window.
       x = x[:, ::r, ::r, :]

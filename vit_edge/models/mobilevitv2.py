@@ -167,7 +167,8 @@ class LinearSelfAttention(nn.Module):
     dim = x.shape[-1]
     dense = functools.partial(nn.Dense, dtype=self.dtype,
                               kernel_init=layers.conv_kernel_init,
-                              bias_init=nn.initializers.zeros)
+                              bias_init=nn.initializers.zeros,
+                              dot_general=layers.dense_dot_general)
     qkv = dense(1 + 2 * dim, name="qkv_proj")(x)
     query, key, value = qkv[..., :1], qkv[..., 1:1 + dim], qkv[..., 1 + dim:]
     # Softmax over the N patches and the weighted sum over them run in float32:

@@ -100,7 +100,8 @@ class Attention(nn.Module):
     inner = self.num_heads * head_dim
     dense = functools.partial(nn.Dense, dtype=self.dtype,
                               kernel_init=layers.trunc_normal,
-                              bias_init=nn.initializers.zeros)
+                              bias_init=nn.initializers.zeros,
+                              dot_general=layers.dense_dot_general)
     qkv = dense(3 * inner, use_bias=self.qkv_bias, name="qkv")(x)
     # Same split as timm: reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4).
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
