@@ -376,11 +376,6 @@ def _pointwise_conv_bwd(groups, residuals, g):
   x, w = residuals
   per_group_in, out = w.shape[2], w.shape[3]
   rows = x.shape[0] * x.shape[1] * x.shape[2]
-  # Kernel [1, 1, C/G, O]: group k maps input block k to output block k.
-  wg = jnp.transpose(w.reshape(per_group_in, groups, out // groups), (1, 0, 2))
-  xg = x.reshape(rows, groups, per_group_in)
-  gg = g.reshape(rows, groups, out // groups)
-  acc = _accumulation_dtype(x.dtype)
   if groups == 1:
     # Plain 2-D matmuls: the kernel gradient's operands contract over their
     # leading axis, which XLA:CPU folds into the matmul. The batched einsum
@@ -388,6 +383,11 @@ def _pointwise_conv_bwd(groups, residuals, g):
     dx, dw = _matmul_gradients(x.reshape(rows, per_group_in), w.reshape(per_group_in, out),
                                g.reshape(rows, out))
     return dx.reshape(x.shape), dw.reshape(w.shape)
+  # Kernel [1, 1, C/G, O]: group k maps input block k to output block k.
+  wg = jnp.transpose(w.reshape(per_group_in, groups, out // groups), (1, 0, 2))
+  xg = x.reshape(rows, groups, per_group_in)
+  gg = g.reshape(rows, groups, out // groups)
+  acc = _accumulation_dtype(x.dtype)
   dx = jnp.einsum("mgo,gco->mgc", gg, wg, preferred_element_type=acc)
   dwg = jnp.einsum("mgc,mgo->gco", xg, gg, preferred_element_type=acc)
   dw = jnp.transpose(dwg, (1, 0, 2)).reshape(w.shape)
