@@ -28,7 +28,8 @@ step (AdamW, cross-entropy, ``clip_grad_norm_(1.0)``) on the same model.
 Each thread count runs in its own process pinned to that many CPUs (JAX's CPU
 thread pool is sized at start), with PyTorch, ONNX Runtime and LiteRT told the same
 count. Within a process the engines take turns, ``--rounds`` times; a figure is the
-median over rounds of each round's median. The table gives the ratios the issue
+median over rounds of each round's median. Training runs in two further processes
+per model, one per framework (see :func:`serve_train_timer`), taking turns too. The table gives the ratios the issue
 tracks (< 1 is vit_edge faster for latency; > 1 is vit_edge faster for training).
 A second table puts each figure against this CPU's compute ceiling: GMAC/s and its
 share of the float32 GEMM rate NumPy and PyTorch reach in the same process (see
@@ -50,6 +51,7 @@ import numpy as np
 
 ENGINES = ("torch", "ort_fp32", "ort_int8_dynamic", "ort_int8_static", "tflite_fp32",
            "tflite_int8")
+TRAIN_FRAMEWORKS = ("jax", "torch")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out_dir", default="bench_peers_out")
   p.add_argument("--reuse", action="store_true", help="reuse exports in --out_dir")
   p.add_argument("--child_threads", type=int, default=0, help=argparse.SUPPRESS)
+  p.add_argument("--train_worker", default="", choices=("", *TRAIN_FRAMEWORKS),
+                 help=argparse.SUPPRESS)
   return p
 
 
@@ -324,20 +328,93 @@ def _torch_train_timer(name: str, batch: int, size: int, edgevit_src: str
   return time_steps
 
 
+def _train_timer(framework: str, name: str, args) -> Callable[[int], float]:
+  from vit_edge.tools import step_timing  # pylint: disable=g-import-not-at-top
+  size = _size(name, args.image_size)
+  if framework == "jax":
+    return step_timing.train_step_timer(name, args.train_batch, size)
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(args.child_threads)
+  return _torch_train_timer(name, args.train_batch, size, args.edgevit_src)
+
+
+_SECONDS_TAG = "train_step_seconds="
+
+
+def serve_train_timer(framework: str, name: str, args) -> None:
+  """The training worker: reads step counts on stdin, answers seconds per step.
+
+  Each framework trains in a process of its own (interleaving the two in one
+  process once crashed in libc's free), kept alive so that the rounds interleave
+  without compiling again. Each turn starts with one untimed step: the first
+  step after the other framework's turn is slow. With EdgeViT-XXS at 2 threads,
+  JAX's first step after a PyTorch turn took 3.5-10.8 s and the next ones
+  2.2-2.5 s, as alone; PyTorch's first steps were 0.1 s slower. Timing that step
+  had made the JAX figures 2-3x too slow.
+  """
+  time_steps = _train_timer(framework, name, args)
+  print(_SECONDS_TAG + "ready", flush=True)
+  for line in sys.stdin:
+    time_steps(1)
+    print(f"{_SECONDS_TAG}{time_steps(int(line))!r}", flush=True)
+
+
+class TrainWorker:
+  """A `serve_train_timer` child; `time_steps(n)` is its seconds per step."""
+
+  def __init__(self, framework: str, name: str, argv: Sequence[str]):
+    self.label = f"{framework} training worker for {name}"
+    # Inherits this process's CPU affinity and thread environment.
+    self._proc = subprocess.Popen(
+        [sys.executable, "-m", "vit_edge.tools.bench_peers", *argv,
+         f"--models={name}", f"--train_worker={framework}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self._answer()  # Built, compiled and warmed up.
+
+  def _answer(self) -> str:
+    for line in self._proc.stdout:
+      if line.startswith(_SECONDS_TAG):
+        return line[len(_SECONDS_TAG):].strip()
+    raise RuntimeError(f"the {self.label} exited with {self._proc.wait()} before "
+                       "answering; its stderr is above.")
+
+  def time_steps(self, steps: int) -> float:
+    self._proc.stdin.write(f"{steps}\n")
+    self._proc.stdin.flush()
+    return float(self._answer())
+
+  def close(self) -> None:
+    self._proc.stdin.close()
+    self._proc.wait()
+
+
+def _time_training(name: str, args, argv: Sequence[str]) -> dict[str, list[float]]:
+  """Seconds per step of each framework, `args.rounds` alternated turns."""
+  workers = {}
+  try:
+    for framework in TRAIN_FRAMEWORKS:
+      workers[framework] = TrainWorker(framework, name, argv)
+    seconds = {k: [] for k in workers}
+    for _ in range(args.rounds):
+      for k, worker in workers.items():
+        seconds[k].append(worker.time_steps(args.train_steps))
+    return seconds
+  finally:
+    for worker in workers.values():
+      worker.close()
+
+
 def _rows_path(out_dir: str, threads: int) -> str:
   return os.path.join(out_dir, f"rows_{threads}.jsonl")
 
 
-def measure(names: Sequence[str], threads: int, args) -> None:
+def measure(names: Sequence[str], threads: int, args, argv: Sequence[str]) -> None:
   """Every engine's latency and both frameworks' training speed at `threads`.
 
   Each model's row is appended to ``rows_<threads>.jsonl`` as soon as it is
   measured, so a child killed later (e.g. out of memory) keeps the rows before.
   """
-  import gc  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from vit_edge.tools import step_timing  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   train_models = names if args.train_models == "all" else _csv(args.train_models)
   for name in names:
@@ -353,19 +430,10 @@ def measure(names: Sequence[str], threads: int, args) -> None:
            "matmul_peak_gmacs": matmul_peak_gmacs(threads)}
     del fns
     if args.train_steps and name in train_models:
-      timers = {"jax": step_timing.train_step_timer(name, args.train_batch, size),
-                "torch": _torch_train_timer(name, args.train_batch, size,
-                                            args.edgevit_src)}
-      seconds = {k: [] for k in timers}
-      for _ in range(args.rounds):
-        for k, timer in timers.items():
-          seconds[k].append(timer(args.train_steps))
+      seconds = _time_training(name, args, argv)
       row["train_img_s"] = {k: args.train_batch / float(np.median(v))
                             for k, v in seconds.items()}
       row["train_s_rounds"] = seconds
-      del timers
-      jax.clear_caches()
-      gc.collect()
     print(f"[{name}, {threads} thread(s)] " + json.dumps(
         {k: row[k] for k in ("ms", "train_img_s") if k in row}), flush=True)
     with open(_rows_path(args.out_dir, threads), "a") as f:
@@ -466,8 +534,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   try:
     names, thread_counts = _check_args(args)
+    if args.train_worker:
+      serve_train_timer(args.train_worker, names[0], args)
+      return 0
     if args.child_threads:
-      measure(names, args.child_threads, args)
+      measure(names, args.child_threads, args, argv)
       return 0
     os.makedirs(args.out_dir, exist_ok=True)
     reports = {name: prepare(name, args) for name in names}
