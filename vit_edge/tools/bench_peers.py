@@ -367,7 +367,7 @@ class TrainWorker:
     # Inherits this process's CPU affinity and thread environment.
     self._proc = subprocess.Popen(
         [sys.executable, "-m", "vit_edge.tools.bench_peers", *argv,
-         f"--models={name}", f"--train_worker={framework}"],
+         f"--models={name}", "--train_models=all", f"--train_worker={framework}"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self._answer()  # Built, compiled and warmed up.
 
