@@ -21,6 +21,9 @@ def _grads(conv, x, w, strides, padding):
 
 @pytest.mark.parametrize("size,kernel,stride,padding", [
     (9, 3, 1, ((1, 1), (1, 1))),
+    (9, 3, 1, ((0, 2), (2, 1))),    # stride 1, asymmetric
+    (10, 5, 1, "SAME"),
+    (8, 3, 1, "VALID"),
     (10, 3, 2, ((1, 1), (1, 1))),   # MobileViTv2 / EdgeViT downsampling
     (11, 5, 2, "SAME"),
     (8, 3, 2, "VALID"),

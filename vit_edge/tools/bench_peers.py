@@ -28,8 +28,8 @@ step (AdamW, cross-entropy, ``clip_grad_norm_(1.0)``) on the same model.
 Each thread count runs in its own process pinned to that many CPUs (JAX's CPU
 thread pool is sized at start), with PyTorch, ONNX Runtime and LiteRT told the same
 count. Within a process the engines take turns, ``--rounds`` times; a figure is the
-median over rounds of each round's median. Training runs in two further processes
-per model, one per framework (see :func:`serve_train_timer`), taking turns too. The table gives the ratios the issue
+median over rounds of each round's median. Training runs in a fresh process per
+framework and round, one at a time, taking turns too (see :func:`serve_train_turn`). The table gives the ratios the issue
 tracks (< 1 is vit_edge faster for latency; > 1 is vit_edge faster for training).
 A second table puts each figure against this CPU's compute ceiling: GMAC/s and its
 share of the float32 GEMM rate NumPy and PyTorch reach in the same process (see
@@ -341,67 +341,41 @@ def _train_timer(framework: str, name: str, args) -> Callable[[int], float]:
 _SECONDS_TAG = "train_step_seconds="
 
 
-def serve_train_timer(framework: str, name: str, args) -> None:
-  """The training worker: reads step counts on stdin, answers seconds per step.
+def serve_train_turn(framework: str, name: str, args) -> None:
+  """One framework's training turn: build, compile, warm up, time, print, exit.
 
-  Each framework trains in a process of its own (interleaving the two in one
-  process once crashed in libc's free), kept alive so that the rounds interleave
-  without compiling again. Each turn starts with one untimed step: the first
-  step after the other framework's turn is slow. With EdgeViT-XXS at 2 threads,
-  JAX's first step after a PyTorch turn took 3.5-10.8 s and the next ones
-  2.2-2.5 s, as alone; PyTorch's first steps were 0.1 s slower. Timing that step
-  had made the JAX figures 2-3x too slow.
+  Every turn is a fresh process, and only one trains or holds memory at a time.
+  Two persistent workers taking turns (one per framework) gave slow JAX steps:
+  with EdgeViT-XXS at 2 threads, JAX's first step after a PyTorch turn took
+  3.5-10.8 s against 2.2-2.5 s alone; with MobileViTv2-0.5 at 256 every JAX step
+  of the turn was slower (6.4-7.2 s against 3.4-3.8 s alone). In one process
+  holding both frameworks the JAX step was 2-3x slower too, and interleaving the
+  two there once crashed in libc's free.
   """
   time_steps = _train_timer(framework, name, args)
-  print(_SECONDS_TAG + "ready", flush=True)
-  for line in sys.stdin:
-    time_steps(1)
-    print(f"{_SECONDS_TAG}{time_steps(int(line))!r}", flush=True)
+  print(f"{_SECONDS_TAG}{time_steps(args.train_steps)!r}", flush=True)
 
 
-class TrainWorker:
-  """A `serve_train_timer` child; `time_steps(n)` is its seconds per step."""
-
-  def __init__(self, framework: str, name: str, argv: Sequence[str]):
-    self.label = f"{framework} training worker for {name}"
-    # Inherits this process's CPU affinity and thread environment.
-    self._proc = subprocess.Popen(
-        [sys.executable, "-m", "vit_edge.tools.bench_peers", *argv,
-         f"--models={name}", "--train_models=all", f"--train_worker={framework}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    self._answer()  # Built, compiled and warmed up.
-
-  def _answer(self) -> str:
-    for line in self._proc.stdout:
-      if line.startswith(_SECONDS_TAG):
-        return line[len(_SECONDS_TAG):].strip()
-    raise RuntimeError(f"the {self.label} exited with {self._proc.wait()} before "
-                       "answering; its stderr is above.")
-
-  def time_steps(self, steps: int) -> float:
-    self._proc.stdin.write(f"{steps}\n")
-    self._proc.stdin.flush()
-    return float(self._answer())
-
-  def close(self) -> None:
-    self._proc.stdin.close()
-    self._proc.wait()
+def _train_turn(framework: str, name: str, argv: Sequence[str]) -> float:
+  """Seconds per step of one `serve_train_turn` process (same CPUs and threads)."""
+  result = subprocess.run(
+      [sys.executable, "-m", "vit_edge.tools.bench_peers", *argv,
+       f"--models={name}", "--train_models=all", f"--train_worker={framework}"],
+      stdout=subprocess.PIPE, text=True, check=False)
+  for line in result.stdout.splitlines():
+    if line.startswith(_SECONDS_TAG):
+      return float(line[len(_SECONDS_TAG):])
+  raise RuntimeError(f"the {framework} training turn for {name} exited with "
+                     f"{result.returncode} before answering; its stderr is above.")
 
 
 def _time_training(name: str, args, argv: Sequence[str]) -> dict[str, list[float]]:
   """Seconds per step of each framework, `args.rounds` alternated turns."""
-  workers = {}
-  try:
+  seconds = {k: [] for k in TRAIN_FRAMEWORKS}
+  for _ in range(args.rounds):
     for framework in TRAIN_FRAMEWORKS:
-      workers[framework] = TrainWorker(framework, name, argv)
-    seconds = {k: [] for k in workers}
-    for _ in range(args.rounds):
-      for k, worker in workers.items():
-        seconds[k].append(worker.time_steps(args.train_steps))
-    return seconds
-  finally:
-    for worker in workers.values():
-      worker.close()
+      seconds[framework].append(_train_turn(framework, name, argv))
+  return seconds
 
 
 def _rows_path(out_dir: str, threads: int) -> str:
@@ -535,7 +509,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     names, thread_counts = _check_args(args)
     if args.train_worker:
-      serve_train_timer(args.train_worker, names[0], args)
+      serve_train_turn(args.train_worker, names[0], args)
       return 0
     if args.child_threads:
       measure(names, args.child_threads, args, argv)
