@@ -43,6 +43,17 @@ def test_without_the_extra_it_says_how_to_install_it(monkeypatch, capsys):
   assert "pip install -e '.[peers]'" in capsys.readouterr().err
 
 
+def test_a_training_turn_gets_one_model_and_all_of_its_training():
+  """A parent run timing a subset of its models hands each worker one model and
+  --train_models=all (a subset naming other models failed the worker's check)."""
+  parent = ["--models=edgevit_xxs,tformer_s", "--train_models=tformer_s",
+            "--threads=2", "--rounds=2"]
+  args = bench_peers._parser().parse_args(
+      bench_peers._train_turn_argv("jax", "tformer_s", parent))
+  assert (args.models, args.train_models, args.train_worker) == ("tformer_s", "all", "jax")
+  assert (args.threads, args.rounds) == ("2", 2)
+
+
 def test_bad_arguments_are_clear_errors(capsys, tmp_path):
   pytest.importorskip("torch")
   pytest.importorskip("timm")

@@ -1,5 +1,7 @@
 """Shared layers: the hand-written gradients of depthwise and grouped 1x1 convs, Dense, max pooling."""
 
+import functools
+
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -305,3 +307,48 @@ def test_gelu_is_jax_exact_gelu_with_its_gradient():
     x64 = x.astype(jnp.float64)
     np.testing.assert_allclose(jax.vmap(jax.grad(layers.gelu))(x64),
                                jax.vmap(jax.grad(reference))(x64), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("deit_tiny_patch16", {"depth": 2, "image_size": 32}),
+    ("edgevit_xxs", {"depths": (1, 1, 1, 1)}),
+])
+def test_fused_attention_wiring_computes_the_same_function(monkeypatch, name, overrides):
+  """The GPU path (packed qkv -> dot_product_attention -> heads concatenated) is the
+  einsum path: same logits, aux and parameter gradients. cuDNN needs a GPU, so the
+  same call runs here with jax's "xla" implementation. That one always takes its
+  softmax in float32, hence a float32 tolerance although the rest is float64 (a
+  wrong head order, scale or reshape is off by far more)."""
+  ours = _float64_model_grads(name, **overrides)
+  monkeypatch.setattr(layers, "fused_attention_applies", lambda dtype: True)
+  monkeypatch.setattr(layers, "fused_attention",
+                      functools.partial(layers.fused_attention, implementation="xla"))
+  fused = _float64_model_grads(name, **overrides)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fused),
+                          jax.tree_util.tree_leaves(ours)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b))),
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_fused_attention_applies_only_to_16_bit_on_a_gpu(monkeypatch):
+  assert not layers.fused_attention_applies(jnp.bfloat16)  # this machine is a CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert layers.fused_attention_applies(jnp.bfloat16)
+  assert layers.fused_attention_applies(jnp.float16)
+  assert not layers.fused_attention_applies(jnp.float32)
+  monkeypatch.setitem(layers._FUSED_ATTENTION, "enabled", False)
+  assert not layers.fused_attention_applies(jnp.bfloat16)
+
+
+def test_fused_attention_without_cudnn_falls_back_to_xla():
+  """This CPU has no cuDNN: the cuDNN call is refused while tracing, and XLA's
+  attention (softmax(q k^T * scale) v, heads concatenated) is computed instead."""
+  rng = np.random.default_rng(0)
+  qkv = jnp.asarray(rng.normal(size=(2, 5, 3, 2, 8)), jnp.float32)
+  out = np.asarray(layers.fused_attention(qkv, 8 ** -0.5))
+  q, k, v = (np.asarray(qkv[:, :, i], np.float64).transpose(0, 2, 1, 3) for i in range(3))
+  logits = q @ k.swapaxes(-1, -2) * 8 ** -0.5
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  expected = (probs @ v).transpose(0, 2, 1, 3).reshape(2, 5, 16)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)

@@ -195,13 +195,18 @@ class GlobalSparseAttn(nn.Module):
     hs, ws = x.shape[1], x.shape[2]
     tokens = x.reshape(b, hs * ws, c)
     qkv = dense(3 * inner, use_bias=self.qkv_bias, name="qkv")(tokens)
-    qkv = qkv.reshape(b, hs * ws, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    attn = (q @ k.swapaxes(-2, -1)) * (head_dim ** -0.5)
-    attn = jax.nn.softmax(attn.astype(jnp.promote_types(attn.dtype, jnp.float32)),
-                          axis=-1).astype(self.dtype)
-    attn = nn.Dropout(self.attn_dropout_rate)(attn, deterministic=deterministic)
-    out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, hs, ws, inner)
+    qkv = qkv.reshape(b, hs * ws, 3, self.num_heads, head_dim)
+    if (layers.fused_attention_applies(qkv.dtype)
+        and (deterministic or self.attn_dropout_rate == 0.0)):
+      out = layers.fused_attention(qkv, head_dim ** -0.5).reshape(b, hs, ws, inner)
+    else:
+      qkv = qkv.transpose(2, 0, 3, 1, 4)
+      q, k, v = qkv[0], qkv[1], qkv[2]
+      attn = (q @ k.swapaxes(-2, -1)) * (head_dim ** -0.5)
+      attn = jax.nn.softmax(attn.astype(jnp.promote_types(attn.dtype, jnp.float32)),
+                            axis=-1).astype(self.dtype)
+      attn = nn.Dropout(self.attn_dropout_rate)(attn, deterministic=deterministic)
+      out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, hs, ws, inner)
     if r > 1:
       out = DepthwiseConvTransposeNoOverlap(r, self.dtype, name="LocalProp")(out)
       out = _layer_norm(1e-5, self.dtype, "norm")(out)

@@ -472,6 +472,61 @@ def use_fast_gradients(enabled: bool) -> None:
   _FAST_GRADIENTS["enabled"] = bool(enabled)
 
 
+# cuDNN's fused (flash) attention is used only on a GPU and in 16-bit compute: there
+# it avoids writing the [B, heads, N, N] logits and float32 probabilities to memory,
+# forward and backward. On a CPU, in float32, and so in everything exported to
+# TFLite (the exporter builds float32 models) each model keeps its own einsum +
+# float32 softmax, so the fidelity tests and the exporter's rewrites see the graph
+# they always saw.
+_FUSED_ATTENTION = {"enabled": True}
+
+
+def use_fused_attention(enabled: bool) -> None:
+  """Turns cuDNN fused attention on or off for models traced from now on."""
+  _FUSED_ATTENTION["enabled"] = bool(enabled)
+
+
+def fused_attention_applies(dtype: Dtype) -> bool:
+  """Whether `fused_attention` is the one to use for attention computed in `dtype`."""
+  return (_FUSED_ATTENTION["enabled"] and jax.default_backend() == "gpu"
+          and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
+def fused_attention(qkv: jax.Array, scale: float,
+                    implementation: Optional[str] = "cudnn") -> jax.Array:
+  """softmax(q k^T * scale) v through cuDNN, from the packed qkv projection.
+
+  Args:
+    qkv: [B, N, 3, heads, head_dim], the fused qkv Dense output reshaped as timm
+      does before its permute (so q, k, v are already in cuDNN's [B, N, heads, hd]
+      layout and no transpose is needed).
+    scale: the logit scale, head_dim ** -0.5.
+    implementation: `jax.nn.dot_product_attention`'s; the tests pass "xla" to
+      check this wiring on a CPU.
+
+  Returns:
+    [B, N, heads * head_dim], the heads concatenated as timm's transpose+reshape does.
+  """
+  b, n, _, heads, head_dim = qkv.shape
+  # cuDNN's training kernels take only even sequence lengths (DeiT's 197 tokens,
+  # EdgeViT's 7x7 = 49 are refused), so odd ones get one zero token that the
+  # sequence lengths mask out as a key; its query row is sliced off.
+  padded = qkv if n % 2 == 0 else jnp.pad(qkv, ((0, 0), (0, 1), (0, 0), (0, 0), (0, 0)))
+  lengths = jnp.full((b,), n, jnp.int32) if n % 2 else None
+  try:
+    out = jax.nn.dot_product_attention(
+        padded[:, :, 0], padded[:, :, 1], padded[:, :, 2], scale=scale,
+        query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        implementation=implementation)
+  # jax checks cuDNN's support while tracing: NotImplementedError for a shape it
+  # refuses, RuntimeError for no cuDNN (a ROCm GPU) or a GPU older than Ampere.
+  # Either way XLA computes the same function.
+  except (NotImplementedError, RuntimeError):
+    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                       scale=scale, implementation="xla")
+  return out[:, :n].reshape(b, n, heads * head_dim)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1, precision=None,

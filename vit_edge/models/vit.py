@@ -103,8 +103,13 @@ class Attention(nn.Module):
                               bias_init=nn.initializers.zeros,
                               dot_general=layers.dense_dot_general)
     qkv = dense(3 * inner, use_bias=self.qkv_bias, name="qkv")(x)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
+    if layers.fused_attention_applies(qkv.dtype):
+      out = layers.fused_attention(qkv, head_dim ** -0.5)
+      q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+      return dense(dim, name="proj")(out), (q, k, v)
     # Same split as timm: reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4).
-    qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    qkv = qkv.transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
     logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim ** -0.5, k)
     # Softmax in float32 so bf16 inference keeps the attention rows normalised.

@@ -356,11 +356,22 @@ def serve_train_turn(framework: str, name: str, args) -> None:
   print(f"{_SECONDS_TAG}{time_steps(args.train_steps)!r}", flush=True)
 
 
+def _train_turn_argv(framework: str, name: str, argv: Sequence[str]) -> list[str]:
+  """The parent's arguments, narrowed to one model trained by one framework.
+
+  argparse keeps the last value given, so the appended flags win; --train_models
+  must become 'all' too, or a parent list naming other models fails the worker's
+  argument check.
+  """
+  return [*argv, f"--models={name}", "--train_models=all",
+          f"--train_worker={framework}"]
+
+
 def _train_turn(framework: str, name: str, argv: Sequence[str]) -> float:
   """Seconds per step of one `serve_train_turn` process (same CPUs and threads)."""
   result = subprocess.run(
-      [sys.executable, "-m", "vit_edge.tools.bench_peers", *argv,
-       f"--models={name}", "--train_models=all", f"--train_worker={framework}"],
+      [sys.executable, "-m", "vit_edge.tools.bench_peers",
+       *_train_turn_argv(framework, name, argv)],
       stdout=subprocess.PIPE, text=True, check=False)
   for line in result.stdout.splitlines():
     if line.startswith(_SECONDS_TAG):
