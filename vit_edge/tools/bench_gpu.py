@@ -28,8 +28,13 @@ Needs jax with a GPU backend and, for the PyTorch columns, torch and timm (the
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import glob
+import gzip
 import json
+import os
+import re
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -58,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
                  default="jax,jax_lax_grads,jax_unfused_attention,torch,torch_compile")
   p.add_argument("--edgevit_src", default="")
   p.add_argument("--out", default="", help="also write the rows as JSON here")
+  p.add_argument("--profile_dir", default="",
+                 help="also trace 3 steps of each vit_edge variant here and print "
+                      "where the GPU's time goes (kernel kinds, slowest kernels)")
+  p.add_argument("--profile_top", type=int, default=20)
   return p
 
 
@@ -82,7 +91,9 @@ def _timed(step: Callable[[], Any], sync: Callable[[Any], Any], steps: int,
 
 
 def jax_seconds(name: str, batch: int, size: int, steps: int, warmup: int,
-                fast_gradients: bool, fused_attention: bool) -> float:
+                fast_gradients: bool, fused_attention: bool,
+                profile_dir: str = "") -> float:
+  """Seconds per train step; with `profile_dir`, also traces 3 steps into it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -128,7 +139,13 @@ def jax_seconds(name: str, batch: int, size: int, steps: int, warmup: int,
       carry[:] = out[:4]
       return out[4]
 
-    return _timed(one_step, jax.block_until_ready, steps, warmup)
+    seconds = _timed(one_step, jax.block_until_ready, steps, warmup)
+    if profile_dir:
+      with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+        for _ in range(3):
+          loss = one_step()
+        jax.block_until_ready(loss)
+    return seconds
   finally:
     layers.use_fast_gradients(True)
     layers.use_fused_attention(True)
@@ -157,6 +174,64 @@ def torch_seconds(name: str, batch: int, size: int, steps: int, warmup: int,
     return loss
 
   return _timed(one_step, lambda _: torch.cuda.synchronize(), steps, warmup)
+
+
+# What a GPU kernel computes, from its name (cuBLAS/CUTLASS GEMMs, cuDNN attention
+# and convolutions, XLA's own fusions); the first pattern that matches wins.
+_KERNEL_KINDS = (
+    ("attention", re.compile(r"fmha|flash|attention|sdpa", re.I)),
+    ("convolution", re.compile(r"conv(?!ert)|implicit_gemm|wgrad|dgrad|fprop", re.I)),
+    ("matmul", re.compile(r"gemm|xmma|cutlass|cublas|matmul|sm\d+_", re.I)),
+    ("reduction", re.compile(r"reduc", re.I)),
+    ("transpose / copy", re.compile(r"transpose|copy|memcpy|memset", re.I)),
+    ("other fusion", re.compile(r"fusion", re.I)),
+)
+
+
+def kernel_kind(name: str) -> str:
+  for kind, pattern in _KERNEL_KINDS:
+    if pattern.search(name):
+      return kind
+  return "other"
+
+
+def kernel_seconds(trace_dir: str) -> dict[str, float]:
+  """Seconds per kernel name in the newest perfetto trace under `trace_dir`.
+
+  Device processes (``/device:GPU:0`` ...) only; their events are the kernels
+  and copies the device ran. Empty where the trace has no device process (a CPU).
+  """
+  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"),
+                           recursive=True), key=os.path.getmtime)
+  if not paths:
+    raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir!r}: the profiler "
+                            "wrote nothing there.")
+  with gzip.open(paths[-1], "rt") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  devices = {e["pid"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"
+             and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+  seconds: dict[str, float] = collections.defaultdict(float)
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in devices:
+      seconds[e["name"]] += e.get("dur", 0) / 1e6
+  return dict(seconds)
+
+
+def kernel_table(seconds: dict[str, float], top: int) -> list[str]:
+  """Markdown: time per kernel kind, then the `top` slowest kernels."""
+  total = sum(seconds.values()) or 1.0
+  kinds: dict[str, float] = collections.defaultdict(float)
+  for name, t in seconds.items():
+    kinds[kernel_kind(name)] += t
+  lines = ["| kernel kind | device s (3 steps) | share |", "|---|---:|---:|"]
+  lines += [f"| {k} | {t:.4f} | {100 * t / total:.1f}% |"
+            for k, t in sorted(kinds.items(), key=lambda kv: -kv[1])]
+  lines += ["", "| kernel | kind | device s (3 steps) | share |", "|---|---|---:|---:|"]
+  lines += [f"| `{n[:90]}` | {kernel_kind(n)} | {t:.4f} | {100 * t / total:.1f}% |"
+            for n, t in sorted(seconds.items(), key=lambda kv: -kv[1])[:top]]
+  return lines
 
 
 def matmul_tflops(n: int = 8192, runs: int = 10) -> float:
@@ -190,8 +265,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for framework in frameworks:
       try:
         if framework in _JAX_VARIANTS:
+          trace_dir = (os.path.join(args.profile_dir, f"{name}_{framework}")
+                       if args.profile_dir else "")
           seconds = jax_seconds(name, args.batch_size, size, args.steps, args.warmup,
-                                **_JAX_VARIANTS[framework])
+                                profile_dir=trace_dir, **_JAX_VARIANTS[framework])
+          if trace_dir:
+            table = kernel_table(kernel_seconds(trace_dir), args.profile_top)
+            print(f"\nwhere {name} / {framework}'s device time goes:\n"
+                  + "\n".join(table) + "\n", flush=True)
         else:
           seconds = torch_seconds(name, args.batch_size, size, args.steps, args.warmup,
                                   framework == "torch_compile", args.edgevit_src)
