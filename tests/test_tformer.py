@@ -120,6 +120,35 @@ def test_max_pool_same():
   np.testing.assert_array_equal(tformer.max_pool_same(jnp.asarray(x), 5), want)
 
 
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+def test_separable_max_pool_is_the_k_by_k_pool_with_its_gradient(kernel):
+  """Same values and the same gradient routing (the first maximum, row-major) as
+  one k x k pool, exactly, on data full of ties (small integers): the gradient
+  values are integers too, so any difference is a routing difference."""
+  rng = np.random.RandomState(kernel)
+  x = jnp.asarray(rng.randint(0, 3, size=(2, 9, 8, 3)), jnp.float32)
+  g = jnp.asarray(rng.randint(-4, 5, size=x.shape), jnp.float32)
+
+  def pooled_and_grad(separable):
+    y, vjp = jax.vjp(lambda x: tformer.max_pool_same(x, kernel, separable), x)
+    return y, vjp(g)[0]
+
+  (y2d, dx2d), (ysep, dxsep) = pooled_and_grad(False), pooled_and_grad(True)
+  np.testing.assert_array_equal(ysep, y2d)
+  np.testing.assert_array_equal(dxsep, dx2d)
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+def test_separable_average_is_the_window_ratio_export_form(kernel):
+  x = jnp.asarray(np.random.RandomState(kernel).randn(2, 9, 8, 3), jnp.float32)
+  g = jnp.asarray(np.random.RandomState(1).randn(*x.shape), jnp.float32)
+  ours, ours_vjp = jax.vjp(lambda x: tformer.avg_pool_same(x, kernel), x)
+  export, export_vjp = jax.vjp(
+      lambda x: tformer.avg_pool_same_as_window_ratio(x, kernel), x)
+  np.testing.assert_allclose(ours, export, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ours_vjp(g)[0], export_vjp(g)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_channel_shuffle_order():
   x = jnp.arange(8.0).reshape(1, 1, 1, 8)
   np.testing.assert_array_equal(tformer.channel_shuffle(x, 2)[0, 0, 0],

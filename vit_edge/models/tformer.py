@@ -111,13 +111,17 @@ def avg_pool_same(x: jax.Array, kernel: int) -> jax.Array:
 
   Equals PyTorch ``AvgPool2d(k, 1, k // 2, count_include_pad=False)`` on NHWC input,
   e.g. ``avg_pool_same(x, 3)[:, 0, 0]`` is the mean of the 2x2 corner ``x[:, :2, :2]``.
-  The divisor depends only on the (static) shape, so it is a numpy constant: the
-  exported graph is one reduce_window sum and one multiply.
+  The divisor depends only on the (static) shape, so it is a numpy constant. The
+  window sum is separable: a 1 x k sum, then a k x 1 sum of it (2k adds per pixel
+  forward and backward where a k x k window takes k^2; the same sums up to float
+  rounding). The export form is :func:`avg_pool_same_as_window_ratio`.
   """
   pad = kernel // 2
-  padding = ((0, 0), (pad, pad), (pad, pad), (0, 0))
-  summed = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add,
-                                 (1, kernel, kernel, 1), (1, 1, 1, 1), padding)
+  zero = np.array(0, x.dtype)
+  rows = jax.lax.reduce_window(x, zero, jax.lax.add, (1, 1, kernel, 1), (1, 1, 1, 1),
+                               ((0, 0), (0, 0), (pad, pad), (0, 0)))
+  summed = jax.lax.reduce_window(rows, zero, jax.lax.add, (1, kernel, 1, 1),
+                                 (1, 1, 1, 1), ((0, 0), (pad, pad), (0, 0), (0, 0)))
   h, w = x.shape[1], x.shape[2]
 
   def counts(n):
@@ -146,13 +150,23 @@ def avg_pool_same_as_window_ratio(x: jax.Array, kernel: int) -> jax.Array:
   return summed / count
 
 
-def max_pool_same(x: jax.Array, kernel: int) -> jax.Array:
+def max_pool_same(x: jax.Array, kernel: int, separable: bool = True) -> jax.Array:
   """Stride-1 'same' max pooling padded with -inf (PyTorch ``MaxPool2d(k, 1, k // 2)``).
 
   Example: ``max_pool_same(x, 5)`` has the shape of ``x``.
+
+  ``separable``: a 1 x k max pool, then a k x 1 max pool of it: the same values
+  exactly, with 2k taps per pixel forward and backward where one k x k pool takes
+  k^2. The gradient goes to the same element as the k x k pool's, the window's
+  first maximum in row-major order: the row pass sends it to the first maximal
+  column within each row, the column pass to the first row holding the maximum.
+  False gives one k x k pool, the export form (one TFLite MAX_POOL_2D).
   """
   pad = kernel // 2
-  return layers.max_pool(x, (kernel, kernel), (1, 1), ((pad, pad), (pad, pad)))
+  if not separable:
+    return layers.max_pool(x, (kernel, kernel), (1, 1), ((pad, pad), (pad, pad)))
+  rows = layers.max_pool(x, (1, kernel), (1, 1), ((0, 0), (pad, pad)))
+  return layers.max_pool(rows, (kernel, 1), (1, 1), ((pad, pad), (0, 0)))
 
 
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
@@ -175,8 +189,9 @@ class HybridMixer(nn.Module):
 
   Attributes:
     kernel_sizes: pooling window sizes; every size gets an average and a max branch.
-    window_ratio: average pools as :func:`avg_pool_same_as_window_ratio` (the
-      export form), else as :func:`avg_pool_same` (faster in XLA).
+    window_ratio: the export form: average pools as
+      :func:`avg_pool_same_as_window_ratio` and max pools as one k x k pool, else
+      both as separable 1 x k and k x 1 windows (faster in XLA).
     dtype: compute dtype.
   """
 
@@ -190,7 +205,7 @@ class HybridMixer(nn.Module):
     branches = []
     for k in self.kernel_sizes:
       branches.append(average(x, k))
-      branches.append(max_pool_same(x, k))
+      branches.append(max_pool_same(x, k, separable=not self.window_ratio))
     pooled = sum(branches[1:], branches[0]) * (1.0 / len(branches))
     # Subtracting x as PoolFormer does: the residual already carries the identity.
     mixed = pooled - x
