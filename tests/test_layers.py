@@ -127,12 +127,14 @@ def _float64_model_grads(name, **overrides):
     return jax.tree.map(np.asarray, grads)
 
 
-def _assert_same_gradients(ours, reference):
+def _assert_same_gradients(ours, reference, rtol=1e-9, atol=None):
+  """Leaf by leaf; `atol` defaults to 1e-10 of max(1, the leaf's largest value)."""
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours),
                           jax.tree_util.tree_leaves(reference)):
-    np.testing.assert_allclose(a, b, rtol=1e-9,
-                               atol=1e-10 * max(1.0, float(np.max(np.abs(b)))),
-                               err_msg=jax.tree_util.keystr(path))
+    largest = float(np.max(np.abs(b)))
+    np.testing.assert_allclose(
+        a, b, rtol=rtol, atol=1e-10 * max(1.0, largest) if atol is None else atol(largest),
+        err_msg=jax.tree_util.keystr(path))
 
 
 def test_model_gradients_unchanged(monkeypatch):
@@ -323,11 +325,8 @@ def test_fused_attention_wiring_computes_the_same_function(monkeypatch, name, ov
   monkeypatch.setattr(layers, "fused_attention_applies", lambda dtype: True)
   monkeypatch.setattr(layers, "fused_attention",
                       functools.partial(layers.fused_attention, implementation="xla"))
-  fused = _float64_model_grads(name, **overrides)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fused),
-                          jax.tree_util.tree_leaves(ours)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b))),
-                               err_msg=jax.tree_util.keystr(path))
+  _assert_same_gradients(_float64_model_grads(name, **overrides), ours, rtol=1e-5,
+                         atol=lambda largest: 1e-6 * largest)
 
 
 def test_fused_attention_applies_only_to_16_bit_on_a_gpu(monkeypatch):

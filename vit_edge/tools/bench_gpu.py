@@ -13,7 +13,7 @@ compute with float32 parameters (Flax ``dtype=bfloat16``; PyTorch autocast):
   with the same step, eager and under ``torch.compile``.
 
 A figure is images per second over ``--steps`` steps after ``--warmup`` steps.
-MFU is 6 x the forward conv/matmul MACs per image (``complexity.model_macs``;
+MFU is 6 x the forward conv/matmul MACs per image (``bench_peers.model_macs``;
 forward, input gradient, weight gradient at 2 FLOPs per MAC) times img/s over
 ``--peak_tflops`` (the H200's dense bf16 peak, 989 TFLOP/s, by default); the
 table also gives the rate of one large bf16 matmul measured in the same process.
@@ -246,7 +246,8 @@ def matmul_tflops(n: int = 8192, runs: int = 10) -> float:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
-  from vit_edge import complexity, models  # pylint: disable=g-import-not-at-top
+  from vit_edge import models  # pylint: disable=g-import-not-at-top
+  from vit_edge.tools import bench_peers  # pylint: disable=g-import-not-at-top
   frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
   unknown = set(frameworks) - set(_JAX_VARIANTS) - {"torch", "torch_compile"}
   if unknown:
@@ -261,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for name in [m.strip() for m in args.models.split(",") if m.strip()]:
     info = models.get_model_info(name)
     size = args.image_size or info.image_size
-    flops = 6 * complexity.model_macs(_create(name, size), size)
+    flops = 6 * bench_peers.model_macs(name, size)
     for framework in frameworks:
       try:
         if framework in _JAX_VARIANTS:
