@@ -52,3 +52,10 @@ def test_kernel_seconds_without_a_trace_says_so(tmp_path):
 def test_unknown_framework_is_a_clear_error(capsys):
   assert bench_gpu.main(["--frameworks=jax,tensorflow"]) == 2
   assert "unknown ['tensorflow']" in capsys.readouterr().err
+
+
+def test_unknown_model_and_bad_counts_are_clear_errors(capsys):
+  assert bench_gpu.main(["--models=deit_nonexistent"]) == 2
+  assert "--models: Unknown model name 'deit_nonexistent'" in capsys.readouterr().err
+  assert bench_gpu.main(["--models=deit_tiny_patch16", "--steps=0"]) == 2
+  assert "--steps must be >= 1" in capsys.readouterr().err

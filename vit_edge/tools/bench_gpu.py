@@ -254,12 +254,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"error: --frameworks: unknown {sorted(unknown)}; choose from "
           f"{', '.join(_JAX_VARIANTS)}, torch, torch_compile.", file=sys.stderr)
     return 2
+  names = [m.strip() for m in args.models.split(",") if m.strip()]
+  try:
+    for name in names:
+      models.get_model_info(name)
+  except KeyError as e:
+    print(f"error: --models: {e.args[0]}", file=sys.stderr)
+    return 2
+  if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+    print("error: --batch_size and --steps must be >= 1 and --warmup >= 0.",
+          file=sys.stderr)
+    return 2
   import jax  # pylint: disable=g-import-not-at-top
   print(f"devices: {jax.devices()}", flush=True)
   peak = matmul_tflops(args.matmul_size)
   print(f"bf16 {args.matmul_size}^3 matmul through JAX: {peak:.1f} TFLOP/s", flush=True)
   rows = []
-  for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+  for name in names:
     info = models.get_model_info(name)
     size = args.image_size or info.image_size
     flops = 6 * bench_peers.model_macs(name, size)
