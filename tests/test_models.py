@@ -110,6 +110,17 @@ def test_unknown_override_names_the_valid_fields():
     models.create_model("tformer_s", drop_path=0.1)
 
 
+def test_create_model_at_size_sets_the_resolution_only_where_it_is_fixed():
+  deit = models.create_model_at_size("deit_tiny_patch16", 160, num_classes=10)
+  assert deit.image_size == 160
+  shapes = jax.eval_shape(deit.init, jax.random.key(0), jnp.zeros((1, 160, 160, 3)))
+  assert shapes["params"]["pos_embed"].shape == (1, 1 + 10 * 10, 192)
+  # An explicit override wins; a model without a fixed resolution is unchanged.
+  assert models.create_model_at_size("deit_tiny_patch16", 160, image_size=96).image_size == 96
+  assert (models.create_model_at_size("edgevit_xxs", 160, num_classes=10)
+          == models.create_model("edgevit_xxs", num_classes=10))
+
+
 def test_num_classes_changes_only_the_head():
   delta = _param_count("edgevit_xxs", 1000) - _param_count("edgevit_xxs", 10)
   assert delta == 990 * (288 + 1)

@@ -187,10 +187,8 @@ def _complexity(name: str, image_size: int, workdir: Optional[str],
       config.dtype = "float32"
     model = train.build_model(config, num_classes)
   else:
-    info = models.get_model_info(name)
-    overrides = {"image_size": image_size} if info.fixed_resolution else {}
-    model = models.create_model(name, num_classes=registry_num_classes(name),
-                                **overrides)
+    model = models.create_model_at_size(name, image_size,
+                                        num_classes=registry_num_classes(name))
   return complexity.model_complexity(model, image_size)
 
 

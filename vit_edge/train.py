@@ -79,15 +79,13 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
   if config.dtype not in _DTYPES:
     raise ValueError(f"config.dtype={config.dtype!r}; expected one of {list(_DTYPES)}.")
   info = models.get_model_info(config.model)
-  overrides = dict(config.get("model_overrides", {}))
-  if info.fixed_resolution:
-    overrides.setdefault("image_size", config.image_size)
-  elif config.image_size % info.stride:
+  if not info.fixed_resolution and config.image_size % info.stride:
     raise ValueError(
         f"config.image_size={config.image_size} is not divisible by the total stride "
         f"{info.stride} of {config.model}; use a multiple of {info.stride}.")
-  return models.create_model(config.model, num_classes=num_classes,
-                             dtype=_DTYPES[config.dtype], **overrides)
+  return models.create_model_at_size(
+      config.model, config.image_size, num_classes=num_classes,
+      dtype=_DTYPES[config.dtype], **dict(config.get("model_overrides", {})))
 
 
 def _variables(state: State, params: Any) -> dict[str, Any]:

@@ -376,9 +376,7 @@ def export_from_registry(name: str, out: str, *, image_size: Optional[int] = Non
                      f"stride {info.stride} of {name}; use e.g. "
                      f"{max(info.stride, round(size / info.stride) * info.stride)}.")
   overrides = dict(overrides or {})
-  if info.fixed_resolution:
-    overrides.setdefault("image_size", size)
-  model = models.create_model(name, num_classes=num_classes, **overrides)
+  model = models.create_model_at_size(name, size, num_classes=num_classes, **overrides)
   given_variables = variables is not None
   if variables is None:
     variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))

@@ -139,6 +139,23 @@ def create_model(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Mod
         f"Valid fields of {name}: {_field_names(info)}") from e
 
 
+def create_model_at_size(name: str, image_size: int, /, num_classes: int = 1000,
+                         **overrides: Any) -> nn.Module:
+  """:func:`create_model` for inputs of `image_size` pixels square.
+
+  A model whose position embedding fixes its resolution (``fixed_resolution``:
+  ViT, DeiT, DeViT) is built for `image_size` unless `overrides` already names
+  one (positional-only `image_size` lets an override of that name through);
+  every other model takes any size and is built as is::
+
+      create_model_at_size("deit_tiny_patch16", 160)   # pos_embed for 10x10 patches
+      create_model_at_size("edgevit_xxs", 160)         # same module as at 224
+  """
+  if get_model_info(name).fixed_resolution:
+    overrides.setdefault("image_size", image_size)
+  return create_model(name, num_classes=num_classes, **overrides)
+
+
 def _field_names(info: ModelInfo) -> list[str]:
   module = info.builder()
   return sorted(f.name for f in dataclasses.fields(module)

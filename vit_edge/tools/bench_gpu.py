@@ -72,9 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _create(name: str, size: int, **kwargs):
   from vit_edge import models  # pylint: disable=g-import-not-at-top
-  info = models.get_model_info(name)
-  overrides = {"image_size": size} if info.fixed_resolution else {}
-  return models.create_model(name, num_classes=1000, **overrides, **kwargs)
+  return models.create_model_at_size(name, size, num_classes=1000, **kwargs)
 
 
 def _timed(step: Callable[[], Any], sync: Callable[[Any], Any], steps: int,

@@ -141,9 +141,7 @@ def _calibration_images(name: str, size: int, n: int) -> np.ndarray:
 
 def _model(name: str, size: int):
   from vit_edge import models  # pylint: disable=g-import-not-at-top
-  info = models.get_model_info(name)
-  overrides = {"image_size": size} if info.fixed_resolution else {}
-  return models.create_model(name, num_classes=1000, **overrides)
+  return models.create_model_at_size(name, size, num_classes=1000)
 
 
 def model_macs(name: str, size: int) -> int:

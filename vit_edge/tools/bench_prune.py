@@ -39,9 +39,7 @@ from vit_edge.compress import prune
 def pruned_widths(name: str, image_size: int, ratios: prune.Ratios,
                   num_classes: int) -> dict[str, int]:
   """unit_widths of `name` pruned by L2 at `ratios` (random init, seed 0)."""
-  info = models.get_model_info(name)
-  overrides = {"image_size": image_size} if info.fixed_resolution else {}
-  model = models.create_model(name, num_classes=num_classes, **overrides)
+  model = models.create_model_at_size(name, image_size, num_classes=num_classes)
   params = jax.jit(model.init)(jax.random.key(0),
                                jnp.zeros((1, image_size, image_size, 3)))["params"]
   groups = groups_lib.find_groups(model, params)
@@ -55,11 +53,8 @@ def _export_and_time(name: str, image_size: int, overrides: dict[str, Any], out:
   report = export.export_from_registry(
       name, out, image_size=image_size, num_classes=num_classes,
       num_parity_samples=4, max_eval_examples=0, overrides=overrides)
-  info = models.get_model_info(name)
-  model_overrides = dict(overrides)
-  if info.fixed_resolution:
-    model_overrides.setdefault("image_size", image_size)
-  model = models.create_model(name, num_classes=num_classes, **model_overrides)
+  model = models.create_model_at_size(name, image_size, num_classes=num_classes,
+                                      **overrides)
   cplx = complexity.model_complexity(model, image_size)
   latency = bench._latency(out, threads=1, runs=runs, warmup=warmup)  # pylint: disable=protected-access
   return {"size_mb": os.path.getsize(out) / 1e6, "median_ms": latency["median_ms"],

@@ -34,8 +34,7 @@ def summarize(name: str, image_size: int | None = None,
   """
   info = models.get_model_info(name)
   image_size = image_size or info.image_size
-  overrides = {"image_size": image_size} if info.fixed_resolution else {}
-  model = models.create_model(name, num_classes=num_classes, **overrides)
+  model = models.create_model_at_size(name, image_size, num_classes=num_classes)
   stats = complexity.model_complexity(model, image_size)
   lines = [
       f"model:        {name} ({info.family}; {info.reference})",
