@@ -87,7 +87,16 @@ def test_pointwise_gradient_equals_lax(groups, padding):
   assert "custom_vjp" in str(jaxpr)
   (y_ref, (dx_ref, dw_ref)), (y, (dx, dw)) = (grads(lax.conv_general_dilated),
                                               grads(layers.conv_general_dilated))
-  np.testing.assert_array_equal(y, y_ref)
+  # The training forward of an ungrouped 1x1 conv is a matmul (sums in another
+  # order); inference traces the primal, lax's own convolution, exactly.
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5)
+  conv = lambda f: (lambda x, w: f(x, w, (1, 1), padding, feature_group_count=groups,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  trained, _ = jax.vjp(conv(layers.conv_general_dilated), x, w)  # the fwd rule's output
+  np.testing.assert_allclose(trained, conv(lax.conv_general_dilated)(x, w),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(jax.jit(conv(layers.conv_general_dilated))(x, w),
+                                jax.jit(conv(lax.conv_general_dilated))(x, w))
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
 
