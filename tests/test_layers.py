@@ -87,8 +87,8 @@ def test_pointwise_gradient_equals_lax(groups, padding):
   assert "custom_vjp" in str(jaxpr)
   (y_ref, (dx_ref, dw_ref)), (y, (dx, dw)) = (grads(lax.conv_general_dilated),
                                               grads(layers.conv_general_dilated))
-  # The training forward of an ungrouped 1x1 conv is a matmul (sums in another
-  # order); inference traces the primal, lax's own convolution, exactly.
+  # The training forward is a (batched) matmul, summing in another order;
+  # inference traces the primal, lax's own convolution, exactly.
   np.testing.assert_allclose(y, y_ref, rtol=1e-5)
   conv = lambda f: (lambda x, w: f(x, w, (1, 1), padding, feature_group_count=groups,
                                    dimension_numbers=("NHWC", "HWIO", "NHWC")))

@@ -341,9 +341,8 @@ _depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
 # it as convolutions. Its kernel gradient then contracts over batch x height x
 # width inside a convolution, which YNNPACK runs at a few GFLOP/s (0.8 s for one
 # 32x64 kernel of MobileViTv2-0.5 at 256, batch 32). Here both gradients are
-# (batched) matmuls over the groups, and so is the training forward of an
-# ungrouped one; the primal (inference, export) stays lax's convolution, as for
-# the depthwise conv above.
+# (batched) matmuls over the groups, and so is the training forward; the primal
+# (inference, export) stays lax's convolution, as for the depthwise conv above.
 
 def _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                   dimension_numbers, feature_group_count, batch_group_count) -> bool:
@@ -362,6 +361,13 @@ def _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
   return _undilated_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers)
 
 
+def _kernel_by_group(w, groups):
+  """A grouped 1x1 kernel [1, 1, C/G, O] as [G, C/G, O/G]: group k maps input
+  block k to output block k."""
+  per_group_in, out = w.shape[2:]
+  return jnp.transpose(w.reshape(per_group_in, groups, out // groups), (1, 0, 2))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _pointwise_conv(x, w, groups):
   return lax.conv_general_dilated(x, w, (1, 1), "VALID",
@@ -371,14 +377,17 @@ def _pointwise_conv(x, w, groups):
 
 def _pointwise_conv_fwd(x, w, groups):
   # Only under differentiation (training); inference and export trace the primal
-  # above (TFLite's CONV_2D). Without groups the training forward is one 2-D
-  # matmul: XLA:CPU's convolution (YNNPACK) ran these 1x1 convs at 3-18 GMAC/s,
-  # the matmul at 5-31 (1.6-1.8x, MobileViTv2-0.5 shapes at batch 32).
-  if groups != 1:
-    return _pointwise_conv(x, w, groups), (x, w)
+  # above (TFLite's CONV_2D). The training forward is one 2-D matmul (G batched
+  # ones with groups): XLA:CPU's convolution (YNNPACK) ran these 1x1 convs at
+  # 3-18 GMAC/s, the matmul 1.6-1.9x faster on MobileViTv2-0.5's shapes and the
+  # batched one 1.2-2.9x on TFormer-S's 2-group PCS-FFN (batch 32).
   rows, (per_group_in, out) = x.shape[0] * x.shape[1] * x.shape[2], w.shape[2:]
-  y = lax.dot_general(x.reshape(rows, per_group_in), w.reshape(per_group_in, out),
-                      (((1,), (0,)), ((), ())))
+  if groups == 1:
+    y = lax.dot_general(x.reshape(rows, per_group_in), w.reshape(per_group_in, out),
+                        (((1,), (0,)), ((), ())))
+  else:
+    y = jnp.einsum("mgc,gco->mgo", x.reshape(rows, groups, per_group_in),
+                   _kernel_by_group(w, groups))
   return y.reshape(x.shape[:3] + (out,)), (x, w)
 
 
@@ -393,8 +402,7 @@ def _pointwise_conv_bwd(groups, residuals, g):
     dx, dw = _matmul_gradients(x.reshape(rows, per_group_in), w.reshape(per_group_in, out),
                                g.reshape(rows, out))
     return dx.reshape(x.shape), dw.reshape(w.shape)
-  # Kernel [1, 1, C/G, O]: group k maps input block k to output block k.
-  wg = jnp.transpose(w.reshape(per_group_in, groups, out // groups), (1, 0, 2))
+  wg = _kernel_by_group(w, groups)
   xg = x.reshape(rows, groups, per_group_in)
   gg = g.reshape(rows, groups, out // groups)
   acc = _accumulation_dtype(x.dtype)
