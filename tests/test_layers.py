@@ -74,29 +74,22 @@ def test_pointwise_gradient_equals_lax(groups, padding):
   x = jnp.asarray(rng.normal(size=(2, 5, 6, 8)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(1, 1, 8 // groups, 12)), jnp.float32)
 
-  def grads(conv):
-    def loss(x, w):
-      y = conv(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-               feature_group_count=groups)
-      return jnp.sum(jnp.sin(y))
+  conv = lambda f: (lambda x, w: f(x, w, (1, 1), padding, feature_group_count=groups,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  ours, theirs = conv(layers.conv_general_dilated), conv(lax.conv_general_dilated)
+
+  def grads(apply):
+    loss = lambda x, w: jnp.sum(jnp.sin(apply(x, w)))
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
 
-  jaxpr = jax.make_jaxpr(lambda x, w: layers.conv_general_dilated(
-      x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=groups))(x, w)
-  assert "custom_vjp" in str(jaxpr)
-  (y_ref, (dx_ref, dw_ref)), (y, (dx, dw)) = (grads(lax.conv_general_dilated),
-                                              grads(layers.conv_general_dilated))
+  assert "custom_vjp" in str(jax.make_jaxpr(ours)(x, w))
+  (y_ref, (dx_ref, dw_ref)), (y, (dx, dw)) = grads(theirs), grads(ours)
   # The training forward is a (batched) matmul, summing in another order;
   # inference traces the primal, lax's own convolution, exactly.
   np.testing.assert_allclose(y, y_ref, rtol=1e-5)
-  conv = lambda f: (lambda x, w: f(x, w, (1, 1), padding, feature_group_count=groups,
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC")))
-  trained, _ = jax.vjp(conv(layers.conv_general_dilated), x, w)  # the fwd rule's output
-  np.testing.assert_allclose(trained, conv(lax.conv_general_dilated)(x, w),
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(jax.jit(conv(layers.conv_general_dilated))(x, w),
-                                jax.jit(conv(lax.conv_general_dilated))(x, w))
+  trained, _ = jax.vjp(ours, x, w)  # the fwd rule's output
+  np.testing.assert_allclose(trained, theirs(x, w), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(jax.jit(ours)(x, w), jax.jit(theirs)(x, w))
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
 
