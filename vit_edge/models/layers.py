@@ -311,7 +311,7 @@ def _depthwise_conv_bwd(strides, pads, residuals, g):
   span_h, span_w = sh * (out_h - 1) + 1, sw * (out_w - 1) + 1
   # Accumulated in float32 (bf16 sums of k*k taps lose ~2 bits); a no-op in float32.
   acc = _accumulation_dtype(x.dtype)
-  g32, w32 = g.astype(acc), w.astype(acc)
+  g32 = g.astype(acc)
   # Kernel gradient: tap (i, j) correlates the input window it saw with g.
   products = tuple(
       lax.slice(xp, (0, i, j, 0), (batch, i + span_h, j + span_w, channels),
@@ -327,17 +327,17 @@ def _depthwise_conv_bwd(strides, pads, residuals, g):
                         lambda a, b: tuple(u + v for u, v in zip(a, b)), (2,))
   dw = jnp.sum(jnp.stack(row_sums), axis=(1, 2)).reshape(kh, kw, 1, channels)
   dw = dw.astype(w.dtype)
-  # Input gradient: tap (i, j) sends g * w[i, j] back to the (strided) positions it
-  # read; interior padding spreads g over the stride without a scatter.
-  dxp = None
-  zero = jnp.zeros((), acc)
-  for i in range(kh):
-    for j in range(kw):
-      part = lax.pad(g32 * w32[i, j, 0], zero,
-                     ((0, 0, 0), (i, padded_h - i - span_h, sh - 1),
-                      (j, padded_w - j - span_w, sw - 1), (0, 0, 0)))
-      dxp = part if dxp is None else dxp + part
-  dx = lax.pad(dxp, zero, ((0, 0, 0), (-top, -bottom, 0), (-left, -right, 0), (0, 0, 0)))
+  # Input gradient: the correlation of g, spread over the stride (interior
+  # padding) and padded by k - 1, with the flipped kernel, cropped to x. Written
+  # as taps that each read g (like the forward), it is one fused loop; the
+  # scattering form (k*k padded copies of g * w[i, j], summed) was split by XLA
+  # into several loops per conv in a train step (EdgeViT's 5x5 convs: 27).
+  spread = lax.pad(g, jnp.zeros((), g.dtype),
+                   ((0, 0, 0), (kh - 1, padded_h - span_h, sh - 1),
+                    (kw - 1, padded_w - span_w, sw - 1), (0, 0, 0)))
+  dxp = _depthwise_taps(spread, w[::-1, ::-1], (1, 1), ((0, 0), (0, 0)))
+  dx = lax.pad(dxp, jnp.zeros((), dxp.dtype),
+               ((0, 0, 0), (-top, -bottom, 0), (-left, -right, 0), (0, 0, 0)))
   return dx.astype(x.dtype), dw
 
 
