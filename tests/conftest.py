@@ -19,6 +19,13 @@ from vit_edge import xla_flags  # pylint: disable=g-import-not-at-top,wrong-impo
 
 xla_flags.apply_defaults()
 
+# Subprocesses (vit_edge.main, the tools) inherit the huge-page tunable, so they do
+# not restart themselves to set it (vit_edge.hugepages).
+from vit_edge import hugepages  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if hugepages.tunable_missing():
+  os.environ["GLIBC_TUNABLES"] = hugepages.with_tunable(os.environ.get("GLIBC_TUNABLES", ""))
+
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

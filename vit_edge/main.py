@@ -43,6 +43,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from vit_edge import hugepages
 from vit_edge import rundir
 from vit_edge import xla_flags
 
@@ -350,5 +351,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_hugepages()  # Before JAX starts (glibc reads it at exec).
   flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=parse_flags)

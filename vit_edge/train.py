@@ -40,6 +40,7 @@ import optax
 
 from vit_edge import augment
 from vit_edge import checkpointing
+from vit_edge import hugepages
 from vit_edge import input_pipeline
 from vit_edge import models
 from vit_edge import objectives
@@ -245,6 +246,8 @@ class Trainer:
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.create_mesh(config.mesh)
+    if jax.default_backend() == "cpu":
+      hugepages.log_hint_if_missing()  # A notebook cannot restart to set it.
     self.local_batch, self.local_eval_batch = sharding.check_batch_sizes(
         config, self.mesh)
     self.ds_info = input_pipeline.get_info(config)

@@ -30,6 +30,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from vit_edge import hugepages
+
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/devit_bench", "Exports go here.")
 _NUM_DEVICES = flags.DEFINE_list("num_devices", ["2", "4"], "Ensemble sizes N.")
 _ITERATIONS = flags.DEFINE_integer("iterations", 200, "Images per measurement.")
@@ -237,4 +239,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_hugepages()  # Before JAX starts (glibc reads it at exec).
   app.run(main)

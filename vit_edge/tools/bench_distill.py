@@ -25,6 +25,7 @@ import os
 from absl import app
 from absl import flags
 
+from vit_edge import hugepages
 from vit_edge.tools import training_runs
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/distill_runs", "Parent of all runs.")
@@ -130,4 +131,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_hugepages()  # Before JAX starts (glibc reads it at exec).
   app.run(main)

@@ -37,6 +37,7 @@ import numpy as np
 
 from vit_edge import complexity
 from vit_edge import export
+from vit_edge import hugepages
 from vit_edge import models
 from vit_edge.export import inference
 from vit_edge.export import serving as serving_lib
@@ -223,4 +224,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_hugepages()  # Before JAX starts (glibc reads it at exec).
   main()

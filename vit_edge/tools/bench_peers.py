@@ -49,6 +49,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from vit_edge import hugepages
+
 ENGINES = ("torch", "ort_fp32", "ort_int8_dynamic", "ort_int8_static", "tflite_fp32",
            "tflite_int8")
 TRAIN_FRAMEWORKS = ("jax", "torch")
@@ -545,4 +547,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_hugepages()  # Before JAX starts (glibc reads it at exec).
   sys.exit(main())

@@ -30,6 +30,7 @@ import numpy as np
 
 from vit_edge import bench
 from vit_edge import complexity
+from vit_edge import hugepages
 from vit_edge import models
 from vit_edge.compress import groups as groups_lib
 from vit_edge.compress import importance
@@ -144,4 +145,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_hugepages()  # Before JAX starts (glibc reads it at exec).
   sys.exit(main())

@@ -23,6 +23,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from vit_edge import hugepages
+
 _FP32 = flags.DEFINE_string("fp32", None, "Float training run (workdir).")
 _QAT = flags.DEFINE_string("qat", None, "QAT run fine-tuned from --fp32 (workdir).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_qat", "Where the files go.")
@@ -132,4 +134,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_hugepages()  # Before JAX starts (glibc reads it at exec).
   app.run(main)

@@ -37,6 +37,8 @@ from typing import Container, Iterable
 from absl import app
 from absl import flags
 
+from vit_edge import hugepages
+
 _MODELS = flags.DEFINE_list("models", ["tformer_s"], "Registered model names.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Resolution.")
@@ -342,4 +344,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_hugepages()  # Before JAX starts (glibc reads it at exec).
   app.run(main)
