@@ -99,6 +99,6 @@ def log_hint_if_missing() -> None:
   logging.warning(
       "Training on the CPU without transparent huge pages for XLA's step buffers: "
       "set GLIBC_TUNABLES=%s in the environment before Python starts (for a "
-      "notebook, in the kernel's environment). EdgeViT-XXS's train step took about "
-      "1.5x less time with it (README \"Performance notes\"). The command-line "
-      "tools set it themselves.", SETTING)
+      "notebook, in the kernel's environment). Train steps took 1.1-1.4x less time "
+      "with it (README \"Performance notes\"). The command-line tools set it "
+      "themselves.", SETTING)
