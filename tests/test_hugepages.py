@@ -95,3 +95,14 @@ def test_restart_adds_the_tunable_and_keeps_the_command():
     assert after[0][2] == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"
   else:
     assert len(pids) == 1 and after[0][2] == "glibc.malloc.arena_max=4"
+
+
+def test_a_failed_restart_runs_on(applicable, monkeypatch):
+  del applicable
+
+  def refuse(*args):
+    raise PermissionError(13, "exec refused", args[0])
+
+  monkeypatch.setattr(os, "execve", refuse)
+  hugepages.restart_with_hugepages()  # Logs and returns.
+  assert "GLIBC_TUNABLES" not in os.environ

@@ -79,12 +79,16 @@ def restart_with_hugepages() -> None:
   (nothing started before it survives). Returns without doing anything where the
   tunable does not apply or is already set, so a restarted process continues.
   """
-  if not tunable_missing():
+  if not tunable_missing() or not sys.executable:  # Embedded interpreters have none.
     return
   env = dict(os.environ, GLIBC_TUNABLES=with_tunable(os.environ.get("GLIBC_TUNABLES", "")))
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  except OSError as e:  # The process is unchanged; it runs on without the tunable.
+    logging.warning("Could not restart with GLIBC_TUNABLES=%s (%s); continuing "
+                    "without it.", env["GLIBC_TUNABLES"], e)
 
 
 _hint_logged = False
