@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from vit_edge import hugepages
 from vit_edge.compress import recipe as recipe_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -44,4 +45,5 @@ def _main(argv) -> None:
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_hugepages()  # Before JAX starts (glibc reads it at exec).
   app.run(_main)

@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import ml_collections
 
+from vit_edge import hugepages
 from vit_edge import train
 from vit_edge.devit import assemble
 from vit_edge.devit import evaluate
@@ -155,4 +156,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_hugepages()  # Before JAX starts (glibc reads it at exec).
   sys.exit(main())

@@ -14,6 +14,7 @@ import argparse
 import os
 import time
 
+from vit_edge import hugepages
 from vit_edge import train
 from vit_edge.segmentation import recipes
 
@@ -59,4 +60,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  hugepages.restart_with_hugepages()  # Before JAX starts (glibc reads it at exec).
   main()
