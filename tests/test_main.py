@@ -130,6 +130,7 @@ def test_conflicting_command_leaves_a_finished_run_intact(tmp_path):
   assert "head/kernel" in log and "[Hyperparameters]" in log
   # ... and so are the XLA options the timings depend on (vit_edge.xla_flags).
   assert re.search(r"XLA_FLAGS='[^']*--xla_cpu_experimental_ynn_fusion_type=", log)
+  assert re.search(r"GLIBC_TUNABLES='[^']*'", log)  # vit_edge.hugepages.
   before = _digest(workdir)
 
   other_model = _run(f"--config={TINY}:model=edgevit_xxs", f"--workdir={workdir}")

@@ -319,8 +319,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tf.config.set_visible_devices([], "GPU")
   _setup_jax()
   _log_to_file(workdir)
-  # Timings in this log depend on them (vit_edge.xla_flags).
+  # Timings in this log depend on them (vit_edge.xla_flags, vit_edge.hugepages).
   logging.info("XLA_FLAGS=%r", os.environ.get("XLA_FLAGS", ""))
+  logging.info("GLIBC_TUNABLES=%r", os.environ.get("GLIBC_TUNABLES", ""))
   from vit_edge import train  # pylint: disable=g-import-not-at-top
   if _MODE.value == "train":
     return train.train_and_evaluate(config, workdir)
