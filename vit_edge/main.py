@@ -27,6 +27,14 @@ the parameter table, the hyper-parameters and library chatter) goes to
 
 from __future__ import annotations
 
+from vit_edge import hugepages
+
+if __name__ == "__main__":
+  # First, before the imports below: a restart would import them a second time
+  # (jax and the rest take about 1.5 s here). glibc reads the tunable at exec.
+  hugepages.restart_with_hugepages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import difflib
 import importlib.util
 import json
@@ -43,7 +51,6 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from vit_edge import hugepages
 from vit_edge import rundir
 from vit_edge import xla_flags
 
@@ -352,6 +359,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  hugepages.restart_with_hugepages()  # Before JAX starts (glibc reads it at exec).
   flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=parse_flags)
