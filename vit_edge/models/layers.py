@@ -347,38 +347,26 @@ def _depthwise_conv_bwd(strides, pads, residuals, g):
 _depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
 
 
-# A conv whose stride equals its kernel (a 1x1 conv at stride 1, a ViT or
-# EdgeViT patch embedding) reads each input pixel once: it is a matmul of the
-# image's non-overlapping k x k patches (G matmuls for a grouped 1x1 conv). But
-# XLA:CPU differentiates it as convolutions. Its kernel gradient then contracts
-# over batch x height x width inside a convolution, which YNNPACK runs at a few
-# GFLOP/s (0.8 s for one 32x64 1x1 kernel of MobileViTv2-0.5 at 256, batch 32;
-# 52 ms for EdgeViT-XXS's 2x2 [36, 72] patch embedding, ~5 GMAC/s). Here both
-# gradients are (batched) matmuls, and so is the training forward; the primal
+# A 1x1 conv is a matmul (G matmuls with G groups), but XLA:CPU differentiates
+# it as convolutions. Its kernel gradient then contracts over batch x height x
+# width inside a convolution, which YNNPACK runs at a few GFLOP/s (0.8 s for one
+# 32x64 kernel of MobileViTv2-0.5 at 256, batch 32). Here both gradients are
+# (batched) matmuls over the groups, and so is the training forward; the primal
 # (inference, export) stays lax's convolution, as for the depthwise conv above.
 
-def _unpadded(lhs, rhs, window_strides, padding) -> bool:
-  """True when `padding` adds nothing to this conv's input."""
+def _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                  dimension_numbers, feature_group_count, batch_group_count) -> bool:
+  """True for an undilated, unpadded, stride-1 1x1 NHWC/HWIO conv (any groups)."""
+  if lhs.ndim != 4 or batch_group_count != 1:
+    return False
+  if rhs.shape[:2] != (1, 1) or rhs.shape[2] * feature_group_count != lhs.shape[-1]:
+    return False
+  if tuple(window_strides) != (1, 1):
+    return False
   if isinstance(padding, str):
     if padding not in ("SAME", "VALID"):
       return False
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  return all(int(p) == 0 for pair in padding for p in pair)
-
-
-def _is_patch_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                   dimension_numbers, feature_group_count, batch_group_count) -> bool:
-  """True for an undilated, unpadded NHWC/HWIO conv with stride == kernel size:
-  1x1 at stride 1 (any groups) or a larger non-overlapping patch conv (one group)."""
-  if lhs.ndim != 4 or batch_group_count != 1:
-    return False
-  if rhs.shape[2] * feature_group_count != lhs.shape[-1]:
-    return False
-  if tuple(int(s) for s in window_strides) != tuple(rhs.shape[:2]):
-    return False
-  if rhs.shape[:2] != (1, 1) and feature_group_count != 1:
-    return False
-  if not _unpadded(lhs, rhs, window_strides, padding):
+  elif any(int(p) != 0 for pair in padding for p in pair):
     return False
   return _undilated_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers)
 
@@ -390,70 +378,43 @@ def _kernel_by_group(w, groups):
   return jnp.transpose(w.reshape(per_group_in, groups, out // groups), (1, 0, 2))
 
 
-def _patches(x, kernel_hw):
-  """NHWC `x` as rows of its non-overlapping patches, [B * H' * W', kh * kw * C]
-  in the HWIO kernel's (i, j, c) order; rows and columns past the last whole
-  patch are dropped, as the VALID conv drops them."""
-  (kh, kw), (b, h, w, c) = kernel_hw, x.shape
-  out_h, out_w = h // kh, w // kw
-  x = x[:, :out_h * kh, :out_w * kw]
-  if (kh, kw) != (1, 1):
-    x = jnp.transpose(x.reshape(b, out_h, kh, out_w, kw, c), (0, 1, 3, 2, 4, 5))
-  return x.reshape(b * out_h * out_w, kh * kw * c)
-
-
-def _unpatch(rows, kernel_hw, x_shape):
-  """The inverse of `_patches` (zeros where the conv read nothing)."""
-  (kh, kw), (b, h, w, c) = kernel_hw, x_shape
-  out_h, out_w = h // kh, w // kw
-  if (kh, kw) == (1, 1):
-    x = rows.reshape(b, out_h, out_w, c)
-  else:
-    x = jnp.transpose(rows.reshape(b, out_h, out_w, kh, kw, c), (0, 1, 3, 2, 4, 5))
-    x = x.reshape(b, out_h * kh, out_w * kw, c)
-  if (out_h * kh, out_w * kw) != (h, w):
-    x = jnp.pad(x, ((0, 0), (0, h - out_h * kh), (0, w - out_w * kw), (0, 0)))
-  return x
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _patch_conv(x, w, groups):
-  return lax.conv_general_dilated(x, w, w.shape[:2], "VALID",
+def _pointwise_conv(x, w, groups):
+  return lax.conv_general_dilated(x, w, (1, 1), "VALID",
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                   feature_group_count=groups)
 
 
-def _patch_conv_fwd(x, w, groups):
+def _pointwise_conv_fwd(x, w, groups):
   # Only under differentiation (training); inference and export trace the primal
   # above (TFLite's CONV_2D). The training forward is one 2-D matmul (G batched
   # ones with groups): XLA:CPU's convolution (YNNPACK) ran these 1x1 convs at
   # 3-18 GMAC/s, the matmul 1.6-1.9x faster on MobileViTv2-0.5's shapes and the
   # batched one 1.2-2.9x on TFormer-S's 2-group PCS-FFN (batch 32).
-  kernel_hw, out = w.shape[:2], w.shape[3]
-  rows = _patches(x, kernel_hw)
-  out_hw = (x.shape[1] // kernel_hw[0], x.shape[2] // kernel_hw[1])
+  rows, (per_group_in, out) = x.shape[0] * x.shape[1] * x.shape[2], w.shape[2:]
   if groups == 1:
-    y = lax.dot_general(rows, w.reshape(-1, out), (((1,), (0,)), ((), ())))
+    y = lax.dot_general(x.reshape(rows, per_group_in), w.reshape(per_group_in, out),
+                        (((1,), (0,)), ((), ())))
   else:
-    y = jnp.einsum("mgc,gco->mgo", rows.reshape(rows.shape[0], groups, -1),
+    y = jnp.einsum("mgc,gco->mgo", x.reshape(rows, groups, per_group_in),
                    _kernel_by_group(w, groups))
-  return y.reshape((x.shape[0], *out_hw, out)), (x, w)
+  return y.reshape(x.shape[:3] + (out,)), (x, w)
 
 
-def _patch_conv_bwd(groups, residuals, g):
+def _pointwise_conv_bwd(groups, residuals, g):
   x, w = residuals
-  kernel_hw, out = w.shape[:2], w.shape[3]
-  rows = _patches(x, kernel_hw)
-  g2 = g.reshape(rows.shape[0], out)
+  per_group_in, out = w.shape[2], w.shape[3]
+  rows = x.shape[0] * x.shape[1] * x.shape[2]
   if groups == 1:
     # Plain 2-D matmuls: the kernel gradient's operands contract over their
     # leading axis, which XLA:CPU folds into the matmul. The batched einsum
     # below (group axis in the middle) makes XLA transpose the activation first.
-    drows, dw = _matmul_gradients(rows, w.reshape(-1, out), g2)
-    return _unpatch(drows, kernel_hw, x.shape), dw.reshape(w.shape)
+    dx, dw = _matmul_gradients(x.reshape(rows, per_group_in), w.reshape(per_group_in, out),
+                               g.reshape(rows, out))
+    return dx.reshape(x.shape), dw.reshape(w.shape)
   wg = _kernel_by_group(w, groups)
-  xg = rows.reshape(rows.shape[0], groups, -1)
-  gg = g2.reshape(rows.shape[0], groups, out // groups)
+  xg = x.reshape(rows, groups, per_group_in)
+  gg = g.reshape(rows, groups, out // groups)
   acc = _accumulation_dtype(x.dtype)
   dx = jnp.einsum("mgo,gco->mgc", gg, wg, preferred_element_type=acc)
   dwg = jnp.einsum("mgc,mgo->gco", xg, gg, preferred_element_type=acc)
@@ -461,7 +422,7 @@ def _patch_conv_bwd(groups, residuals, g):
   return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype)
 
 
-_patch_conv.defvjp(_patch_conv_fwd, _patch_conv_bwd)
+_pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
 
 
 def _matmul_gradients(x2, w, g2):
@@ -532,7 +493,7 @@ _FAST_GRADIENTS = {"enabled": True}
 
 
 def use_fast_gradients(enabled: bool) -> None:
-  """Turns the custom gradients (depthwise, 1x1 and patch convs, Dense, max pooling) on or off.
+  """Turns the custom gradients (depthwise and 1x1 convs, Dense, max pooling) on or off.
 
   Applies to convs traced from now on.
   """
@@ -598,14 +559,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None):
-  """`lax.conv_general_dilated` with fast gradients for depthwise and patch convs.
+  """`lax.conv_general_dilated` with fast gradients for depthwise and 1x1 convs.
 
   A drop-in for ``nn.Conv(..., conv_general_dilated=layers.conv_general_dilated)``:
   plain depthwise convs (one k x k filter per channel, no dilation, NHWC) get the
-  shifted multiply-add gradient above; unpadded convs whose stride equals their
-  kernel (1x1 at stride 1 with any groups, non-overlapping k x k patch
-  embeddings with one group) the matmul one; every other conv goes to lax
-  unchanged. Forward values are lax's own.
+  shifted multiply-add gradient above, 1x1 convs (stride 1, unpadded, any groups)
+  the matmul one; every other conv goes to lax unchanged. Forward values are
+  lax's own.
   """
   if (_FAST_GRADIENTS["enabled"]
       and precision is None and preferred_element_type is None
@@ -620,10 +580,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     return _depthwise_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
   if (_FAST_GRADIENTS["enabled"]
       and precision is None and preferred_element_type is None
-      and _is_patch_conv(lhs, rhs, window_strides, padding, lhs_dilation,
-                         rhs_dilation, dimension_numbers, feature_group_count,
-                         batch_group_count)):
-    return _patch_conv(lhs, rhs, int(feature_group_count))
+      and _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation,
+                                rhs_dilation, dimension_numbers, feature_group_count,
+                                batch_group_count)):
+    return _pointwise_conv(lhs, rhs, int(feature_group_count))
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

@@ -67,8 +67,7 @@ class PatchEmbed(nn.Module):
     """NHWC images -> row-major flattened patch embeddings (timm's flatten(2))."""
     p = self.patch_size
     x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID",
-                dtype=self.dtype, kernel_init=_patch_kernel_init,
-                conv_general_dilated=layers.conv_general_dilated, name="proj")(x)
+                dtype=self.dtype, kernel_init=_patch_kernel_init, name="proj")(x)
     return x.reshape(x.shape[0], -1, self.embed_dim)
 
 

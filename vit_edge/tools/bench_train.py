@@ -18,7 +18,7 @@ data already on the device (so it measures the model and optimizer, not tf.data)
 The table also gives the process's page faults per step and the kernel's share of its
 CPU time over those steps (see vit_edge.hugepages).
 
-The hand-written gradients of `models/layers.py` (depthwise, 1x1 and patch convs, max
+The hand-written gradients of `models/layers.py` (depthwise and 1x1 convs, max
 pooling) against XLA's own autodiff of the same forward, one step each in turn for
 --steps rounds (median)::
 
