@@ -23,6 +23,10 @@ pooling) against XLA's own autodiff of the same forward, one step each in turn f
 --steps rounds (median)::
 
     python -m vit_edge.tools.bench_train --mode=fast_gradients --models=tformer_s
+
+Both steps are compiled in one process, and they can slow each other (README
+"Performance notes": a 1.30x here that fresh processes did not show); confirm a
+gain with ``--mode=throughput`` in a checkout of each side, alternated.
 """
 
 from __future__ import annotations
