@@ -17,6 +17,7 @@ from vit_edge import models
 from vit_edge import train
 from vit_edge.export import validate
 from vit_edge.runtime import classifier
+from vit_edge.runtime import latency
 from vit_edge.runtime import metadata as metadata_lib
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -68,6 +69,12 @@ def test_float_tflite_matches_jax(name, size, overrides):
   assert np.max(np.abs(got - np.asarray(expected))) <= atol + rtol * scale
   ops = _op_counts(tflite_model)
   assert not UNWANTED_OPS & set(ops), ops
+  # One XNNPACK graph: EdgeViT's single-head scores are a BATCH_MATMUL, not a
+  # FULLY_CONNECTED with activation weights (passes/activation_product.py).
+  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+  interpreter = Interpreter(model_content=bytes(tflite_model))
+  interpreter.allocate_tensors()
+  assert latency.undelegated_ops(interpreter) == {}, ops
   if name != "mobilevitv2_050":  # Every other family uses GELU: one fused op each.
     assert ops["GELU"] > 0, ops
   if name == "tformer_s":  # export_form(): the channel shuffle is folded away.

@@ -122,6 +122,26 @@ def test_sliced_projection_splits_with_int8_option_only():
   assert "slice" in _primitives(jax.make_jaxpr(kept)(X).jaxpr)
 
 
+def test_single_head_scores_keep_a_batch_axis():
+  rng = np.random.RandomState(3)
+  q, k = (jnp.asarray(rng.randn(1, 1, 5, 4), jnp.float32) for _ in range(2))
+  v = jnp.asarray(rng.randn(1, 1, 4, 5), jnp.float32)
+
+  def batch_dims(fn, *args):
+    eqns = jax.make_jaxpr(rewrite.rewritten(fn, *args))(*args).jaxpr.eqns
+    return [e.params["dimension_numbers"][1][0] for e in eqns
+            if e.primitive.name == "dot_general"]
+
+  scores = lambda q, k: q @ k.swapaxes(-2, -1)  # jnp.matmul squeezes the 1s.
+  assert batch_dims(scores, q, k) == [(0,)]
+  np.testing.assert_allclose(jax.jit(rewrite.rewritten(scores, q, k))(q, k),
+                             scores(q, k), atol=1e-6)
+  # Left alone: a product with an untransposed operand, and a projection.
+  assert batch_dims(lambda a, b: a @ b, q, v) == [()]
+  w = np.asarray(rng.randn(4, 3), np.float32)
+  assert batch_dims(lambda a: a[0, 0] @ w, q) == [()]
+
+
 def test_strided_slice_becomes_reshape_and_unit_slice():
   fn = lambda x: x[:, ::2, ::3]
   new = rewrite.rewritten(fn, X)

@@ -68,6 +68,10 @@ delegate, does not run or that the converter lowers badly:
 * A projection of a map with a size-1 token or patch axis (EdgeViT at 32 px,
   MobileViTv2 at 64 px) becomes a 1x1 convolution: the converter folds it into a
   BATCH_MATMUL of the wrong rank and fails otherwise.
+* A product of an activation and a transposed activation without batch axes
+  (single-head attention scores at batch 1: EdgeViT's first stage) keeps a size-1
+  batch axis; the converter would otherwise make it a FULLY_CONNECTED with
+  activation weights, which XNNPACK leaves out (a second partition).
 
 A model that implements :class:`HasExportForm` (a method ``export_form()``) is
 traced in that form: the same function and parameters written the way that

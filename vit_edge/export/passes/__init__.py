@@ -15,6 +15,7 @@ values are unchanged (tests/export/test_passes.py).
 
 from __future__ import annotations
 
+from vit_edge.export.passes import activation_product
 from vit_edge.export.passes import broadcast
 from vit_edge.export.passes import gelu
 from vit_edge.export.passes import max_pool
@@ -35,6 +36,7 @@ PASSES: tuple[Pass, ...] = (
     broadcast.PASS,
     sliced_projection.PASS,
     projection.PASS,
+    activation_product.PASS,
     strided_slice.PASS,
 )
 
