@@ -85,7 +85,12 @@ def test_a_small_run_ports_the_weights_and_times_every_engine(tmp_path, capsys):
   assert set(row["train_img_s"]) == {"jax", "torch"}
   # PyTorch's TFormer and vit_edge's compute the same function on the same weights.
   assert result["reports"]["tformer_s"]["torch_jax_max_abs_logit_diff"] < 1e-4
-  assert "| tformer_s | 32 | 1 |" in capsys.readouterr().out
+  # Every round and training turn probed the host's speed (the stability table).
+  assert len(row["host_gmacs_rounds"]) == 1 and all(row["host_gmacs_rounds"])
+  assert {k: len(v) for k, v in row["train_host_gmacs_rounds"].items()} == {
+      "jax": 1, "torch": 1}
+  out = capsys.readouterr().out
+  assert "| tformer_s | 32 | 1 |" in out and "host GMAC/s, JAX turns" in out
 
 
 def test_efficiency_table_shares_of_the_gemm_peak():
@@ -104,3 +109,22 @@ def test_efficiency_table_shares_of_the_gemm_peak():
   assert got["TFLite fp32"] == "40.0 (40%)"
   # Training: 3 x 2 GMAC per image at 5 and 10 img/s.
   assert got["JAX train"] == "30.0 (30%)" and got["torch train"] == "60.0 (60%)"
+
+
+def test_stability_table_warns_about_rounds_on_a_slowed_host():
+  steady = _row("edgevit_xxs", 1, (30.0, 19.0, 16.0, 18.0, 15.5, 16.1), (9.0, 8.0))
+  steady["host_gmacs_rounds"] = [47.0, 46.5]
+  steady["train_host_gmacs_rounds"] = {"jax": [46.0, 45.9], "torch": [47.0, 46.1]}
+  slowed = _row("deit_tiny_patch16", 1, (38.0, 32.0, 22.0, 27.0, 29.7, 29.8))
+  slowed["host_gmacs_rounds"] = [46.8, 21.0, 47.0]  # Round 2 on a throttled host.
+  old = _row("tformer_s", 2, (20.0, 6.0, 3.0, 5.0, 6.6, 1.5))  # Before the probes.
+  text, warnings = bench_peers.stability_table([steady, slowed, old])
+  cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()]
+  assert len(cells) == 4  # Header, rule, and the two probed rows.
+  got = dict(zip(cells[0], cells[2]))
+  assert got["host GMAC/s, inference rounds"] == "46.5-47.0"
+  assert got["host GMAC/s, JAX turns"] == "45.9-46.0"
+  assert dict(zip(cells[0], cells[3]))["host GMAC/s, JAX turns"] == "-"
+  (warning,) = warnings
+  assert "deit_tiny_patch16's inference rounds 2 at 1 thread(s)" in warning
+  assert "21.0 GMAC/s against the run's best 47.0" in warning

@@ -33,7 +33,9 @@ framework and round, one at a time, taking turns too (see :func:`serve_train_tur
 tracks (< 1 is vit_edge faster for latency; > 1 is vit_edge faster for training).
 A second table puts each figure against this CPU's compute ceiling: GMAC/s and its
 share of the float32 GEMM rate NumPy and PyTorch reach in the same process (see
-:func:`efficiency_table`), which says how much any engine could still gain.
+:func:`efficiency_table`), which says how much any engine could still gain. A third
+gives the host's GEMM rate probed around every round and training turn, and a
+warning names any round run on a slowed host (see :func:`stability_table`).
 Exports are cached in ``--out_dir`` (``--reuse``); ``results.json`` keeps every figure.
 """
 
@@ -271,6 +273,25 @@ def matmul_peak_gmacs(threads: int, n: int = 2048, runs: int = 5) -> dict[str, f
   return rates
 
 
+def host_gemm_gmacs(n: int = 1024, runs: int = 3) -> float:
+  """This host's float32 GEMM rate right now (GMAC/s): NumPy, best of `runs`.
+
+  A probe of about 0.1 s taken around every inference round and training turn.
+  This machine is a VM whose speed moves by itself (the 1-thread GEMM rate went
+  from 47 to 14-38 GMAC/s for minutes, and an unchanged train step from 1.3 to
+  4-5 s), so the stability table says which rounds ran on a slowed host.
+  """
+  rng = np.random.default_rng(0)
+  a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+  a @ b  # Warm-up (BLAS threads).
+  best = np.inf
+  for _ in range(runs):
+    start = time.perf_counter()
+    a @ b
+    best = min(best, time.perf_counter() - start)
+  return n ** 3 / 1e9 / best
+
+
 def _inference_fns(name: str, size: int, paths: dict[str, str], threads: int,
                    edgevit_src: str) -> dict[str, Callable[[], Any]]:
   import onnxruntime as ort  # pylint: disable=g-import-not-at-top
@@ -339,6 +360,7 @@ def _train_timer(framework: str, name: str, args) -> Callable[[int], float]:
 
 
 _SECONDS_TAG = "train_step_seconds="
+_HOST_TAG = "host_gemm_gmacs="
 
 
 def serve_train_turn(framework: str, name: str, args) -> None:
@@ -352,8 +374,11 @@ def serve_train_turn(framework: str, name: str, args) -> None:
   holding both frameworks the JAX step was 2-3x slower too, and interleaving the
   two there once crashed in libc's free.
   """
+  host_before = host_gemm_gmacs()
   time_steps = _train_timer(framework, name, args)
-  print(f"{_SECONDS_TAG}{time_steps(args.train_steps)!r}", flush=True)
+  seconds = time_steps(args.train_steps)
+  host = min(host_before, host_gemm_gmacs())
+  print(f"{_SECONDS_TAG}{seconds!r} {_HOST_TAG}{host!r}", flush=True)
 
 
 def _train_turn_argv(framework: str, name: str, argv: Sequence[str]) -> list[str]:
@@ -367,26 +392,31 @@ def _train_turn_argv(framework: str, name: str, argv: Sequence[str]) -> list[str
           f"--train_worker={framework}"]
 
 
-def _train_turn(framework: str, name: str, argv: Sequence[str]) -> float:
-  """Seconds per step of one `serve_train_turn` process (same CPUs and threads)."""
+def _train_turn(framework: str, name: str, argv: Sequence[str]) -> tuple[float, float]:
+  """(seconds per step, slower host GEMM probe) of one `serve_train_turn` process."""
   result = subprocess.run(
       [sys.executable, "-m", "vit_edge.tools.bench_peers",
        *_train_turn_argv(framework, name, argv)],
       stdout=subprocess.PIPE, text=True, check=False)
   for line in result.stdout.splitlines():
     if line.startswith(_SECONDS_TAG):
-      return float(line[len(_SECONDS_TAG):])
+      seconds, host = line.split()
+      return float(seconds[len(_SECONDS_TAG):]), float(host[len(_HOST_TAG):])
   raise RuntimeError(f"the {framework} training turn for {name} exited with "
                      f"{result.returncode} before answering; its stderr is above.")
 
 
-def _time_training(name: str, args, argv: Sequence[str]) -> dict[str, list[float]]:
-  """Seconds per step of each framework, `args.rounds` alternated turns."""
+def _time_training(name: str, args, argv: Sequence[str]
+                   ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+  """Seconds per step and host GEMM rate of each framework's alternated turns."""
   seconds = {k: [] for k in TRAIN_FRAMEWORKS}
+  host = {k: [] for k in TRAIN_FRAMEWORKS}
   for _ in range(args.rounds):
     for framework in TRAIN_FRAMEWORKS:
-      seconds[framework].append(_train_turn(framework, name, argv))
-  return seconds
+      turn_seconds, turn_host = _train_turn(framework, name, argv)
+      seconds[framework].append(turn_seconds)
+      host[framework].append(turn_host)
+  return seconds, host
 
 
 def _rows_path(out_dir: str, threads: int) -> str:
@@ -407,18 +437,22 @@ def measure(names: Sequence[str], threads: int, args, argv: Sequence[str]) -> No
     fns = _inference_fns(name, size, _paths(args.out_dir, name, size), threads,
                          args.edgevit_src)
     rounds = {engine: [] for engine in fns}
+    host = []
     for _ in range(args.rounds):
+      host.append(host_gemm_gmacs())
       for engine, fn in fns.items():
         rounds[engine].append(_median_ms(fn, args.runs, args.warmup))
     row = {"model": name, "image_size": size, "threads": threads,
            "ms": {e: float(np.median(v)) for e, v in rounds.items()}, "ms_rounds": rounds,
-           "matmul_peak_gmacs": matmul_peak_gmacs(threads)}
+           "matmul_peak_gmacs": matmul_peak_gmacs(threads),
+           "host_gmacs_rounds": host}
     del fns
     if args.train_steps and name in train_models:
-      seconds = _time_training(name, args, argv)
+      seconds, train_host = _time_training(name, args, argv)
       row["train_img_s"] = {k: args.train_batch / float(np.median(v))
                             for k, v in seconds.items()}
       row["train_s_rounds"] = seconds
+      row["train_host_gmacs_rounds"] = train_host
     print(f"[{name}, {threads} thread(s)] " + json.dumps(
         {k: row[k] for k in ("ms", "train_img_s") if k in row}), flush=True)
     with open(_rows_path(args.out_dir, threads), "a") as f:
@@ -490,6 +524,53 @@ def efficiency_table(rows: Sequence[dict[str, Any]],
   return "\n".join(lines)
 
 
+# A host GEMM rate this far below the run's best for the same thread count
+# marks a slowed host: the rounds measured then are not comparable.
+SLOW_HOST_FRACTION = 0.85
+
+
+def _span(values: Sequence[float]) -> str:
+  return f"{min(values):.1f}-{max(values):.1f}" if values else "-"
+
+
+def stability_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
+  """Markdown: the host's GEMM rate around each round and turn, and warnings.
+
+  Each inference round and each training turn starts (and a turn also ends)
+  with :func:`host_gemm_gmacs`. A probe below ``SLOW_HOST_FRACTION`` of the best
+  probe at the same thread count gets a warning naming the model and what it
+  measured, so a ratio that moved because the host slowed is not read as a
+  change of code.
+  """
+  lines = ["| model | threads | host GMAC/s, inference rounds | host GMAC/s, JAX turns | "
+           "host GMAC/s, PyTorch turns |", "|---|---:|---|---|---|"]
+  best: dict[int, float] = {}
+  for row in rows:
+    probes = [*row.get("host_gmacs_rounds", ()),
+              *(v for turns in row.get("train_host_gmacs_rounds", {}).values()
+                for v in turns)]
+    if probes:
+      best[row["threads"]] = max(best.get(row["threads"], 0.0), *probes)
+  warnings = []
+  for row in rows:
+    if "host_gmacs_rounds" not in row:  # Rows measured before the probes.
+      continue
+    train = row.get("train_host_gmacs_rounds", {})
+    lines.append(f"| {row['model']} | {row['threads']} | {_span(row['host_gmacs_rounds'])} | "
+                 f"{_span(train.get('jax', ()))} | {_span(train.get('torch', ()))} |")
+    floor = SLOW_HOST_FRACTION * best[row["threads"]]
+    for what, probes in (("inference rounds", row["host_gmacs_rounds"]),
+                         *((f"{k} training turns", v) for k, v in train.items())):
+      slow = [i + 1 for i, v in enumerate(probes) if v < floor]
+      if slow:
+        warnings.append(
+            f"warning: the host was slow during {row['model']}'s {what} "
+            f"{', '.join(map(str, slow))} at {row['threads']} thread(s) (GEMM "
+            f"{min(probes):.1f} GMAC/s against the run's best {best[row['threads']]:.1f}); "
+            "compare those figures with care or rerun.")
+  return "\n".join(lines), warnings
+
+
 def _run_child(threads: int, argv: Sequence[str]) -> None:
   """This script with --child_threads, pinned to `threads` CPUs before any import."""
   cpus = sorted(os.sched_getaffinity(0))
@@ -538,7 +619,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  text = table(rows, reports) + "\n\n" + efficiency_table(rows, reports)
+  stability, warnings = stability_table(rows)
+  text = "\n\n".join((table(rows, reports), efficiency_table(rows, reports), stability,
+                      *warnings))
   with open(os.path.join(args.out_dir, "results.json"), "w") as f:
     json.dump({"rows": rows, "reports": reports,
                "settings": {k: v for k, v in vars(args).items()}}, f, indent=2)
