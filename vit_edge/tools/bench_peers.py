@@ -377,6 +377,7 @@ def serve_train_turn(framework: str, name: str, args) -> None:
   host_before = host_gemm_gmacs()
   time_steps = _train_timer(framework, name, args)
   seconds = time_steps(args.train_steps)
+  time.sleep(0.5)  # Let the framework's idle OpenMP workers stop spinning first.
   host = min(host_before, host_gemm_gmacs())
   print(f"{_SECONDS_TAG}{seconds!r} {_HOST_TAG}{host!r}", flush=True)
 
