@@ -256,6 +256,13 @@ def _median_ms(fn: Callable[[], Any], runs: int, warmup: int) -> float:
   return 1e3 * float(np.median(times))
 
 
+def _square_operands(n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Two random float32 n x n matrices (the GEMM probes' operands)."""
+  rng = np.random.default_rng(0)
+  return rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal(
+      (n, n), dtype=np.float32)
+
+
 def matmul_peak_gmacs(threads: int, n: int = 2048, runs: int = 5) -> dict[str, float]:
   """Float32 GEMM rate (GMAC/s) of NumPy's BLAS and of PyTorch at `threads`.
 
@@ -263,8 +270,7 @@ def matmul_peak_gmacs(threads: int, n: int = 2048, runs: int = 5) -> dict[str, f
   n x n x n product, the shape a BLAS runs fastest; the median of `runs`.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+  a, b = _square_operands(n)
   ta, tb = torch.from_numpy(a), torch.from_numpy(b)
   torch.set_num_threads(threads)
   rates = {}
@@ -281,8 +287,7 @@ def host_gemm_gmacs(n: int = 1024, runs: int = 3) -> float:
   from 47 to 14-38 GMAC/s for minutes, and an unchanged train step from 1.3 to
   4-5 s), so the stability table says which rounds ran on a slowed host.
   """
-  rng = np.random.default_rng(0)
-  a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+  a, b = _square_operands(n)
   a @ b  # Warm-up (BLAS threads).
   best = np.inf
   for _ in range(runs):
@@ -534,6 +539,13 @@ def _span(values: Sequence[float]) -> str:
   return f"{min(values):.1f}-{max(values):.1f}" if values else "-"
 
 
+def _host_probes(row: dict[str, Any]) -> list[tuple[str, list[float]]]:
+  """(what was measured, its probes) of a row: inference rounds, each framework's turns."""
+  train = row.get("train_host_gmacs_rounds", {})
+  return [("inference rounds", row.get("host_gmacs_rounds", [])),
+          *((f"{k} training turns", v) for k, v in train.items())]
+
+
 def stability_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
   """Markdown: the host's GEMM rate around each round and turn, and warnings.
 
@@ -547,9 +559,7 @@ def stability_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
            "host GMAC/s, PyTorch turns |", "|---|---:|---|---|---|"]
   best: dict[int, float] = {}
   for row in rows:
-    probes = [*row.get("host_gmacs_rounds", ()),
-              *(v for turns in row.get("train_host_gmacs_rounds", {}).values()
-                for v in turns)]
+    probes = [v for _, values in _host_probes(row) for v in values]
     if probes:
       best[row["threads"]] = max(best.get(row["threads"], 0.0), *probes)
   warnings = []
@@ -560,8 +570,7 @@ def stability_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
     lines.append(f"| {row['model']} | {row['threads']} | {_span(row['host_gmacs_rounds'])} | "
                  f"{_span(train.get('jax', ()))} | {_span(train.get('torch', ()))} |")
     floor = SLOW_HOST_FRACTION * best[row["threads"]]
-    for what, probes in (("inference rounds", row["host_gmacs_rounds"]),
-                         *((f"{k} training turns", v) for k, v in train.items())):
+    for what, probes in _host_probes(row):
       slow = [i + 1 for i, v in enumerate(probes) if v < floor]
       if slow:
         warnings.append(

@@ -10,7 +10,7 @@ including every sub-graph (pjit, custom_jvp/vjp, cond/switch, scan, while).
 To add a pass: write ``passes/<name>.py`` with a :class:`Pass` instance named
 ``PASS``, add it to :data:`PASSES` where its precedence belongs, and test on a
 small function that the pattern's op is gone from the rewritten jaxpr and the
-values are unchanged (tests/export/test_passes.py).
+values are unchanged (tests/test_export_passes.py).
 """
 
 from __future__ import annotations
