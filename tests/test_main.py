@@ -106,7 +106,8 @@ def test_user_error_is_one_line_and_verbose_adds_the_traceback(tmp_path):
   proc = _run(f"--config={TINY}", "--config.image_size=33",
               f"--workdir={tmp_path / 'run'}", timeout=300)
   assert proc.returncode == 1
-  assert "config.image_size=33 is not divisible" in _one_error_line(proc)
+  assert ("config.image_size=33 is not a positive multiple of the total stride"
+          in _one_error_line(proc))
   verbose = _run(f"--config={TINY}", "--config.image_size=33", "--verbose",
                  f"--workdir={tmp_path / 'run'}", timeout=300)
   assert verbose.returncode == 1 and "Traceback" in verbose.stderr

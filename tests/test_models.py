@@ -121,6 +121,15 @@ def test_create_model_at_size_sets_the_resolution_only_where_it_is_fixed():
           == models.create_model("edgevit_xxs", num_classes=10))
 
 
+def test_image_size_check_names_the_value_the_stride_and_a_fix():
+  models.check_image_size("edgevit_xxs", 160)  # A multiple of 32: no error.
+  with pytest.raises(ValueError, match=r"config.image_size=200 is not a positive "
+                     r"multiple of the total stride 32 of edgevit_xxs; use e.g. 192"):
+    models.check_image_size("edgevit_xxs", 200, "config.image_size")
+  with pytest.raises(ValueError, match=r"image_size=0 .* use e.g. 16\."):
+    models.check_image_size("deit_tiny_patch16", 0)
+
+
 def test_num_classes_changes_only_the_head():
   delta = _param_count("edgevit_xxs", 1000) - _param_count("edgevit_xxs", 10)
   assert delta == 990 * (288 + 1)

@@ -79,11 +79,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
   """The registry model named by config.model, with the config's overrides."""
   if config.dtype not in _DTYPES:
     raise ValueError(f"config.dtype={config.dtype!r}; expected one of {list(_DTYPES)}.")
-  info = models.get_model_info(config.model)
-  if not info.fixed_resolution and config.image_size % info.stride:
-    raise ValueError(
-        f"config.image_size={config.image_size} is not divisible by the total stride "
-        f"{info.stride} of {config.model}; use a multiple of {info.stride}.")
+  if not models.get_model_info(config.model).fixed_resolution:
+    models.check_image_size(config.model, config.image_size, "config.image_size")
   return models.create_model_at_size(
       config.model, config.image_size, num_classes=num_classes,
       dtype=_DTYPES[config.dtype], **dict(config.get("model_overrides", {})))

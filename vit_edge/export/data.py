@@ -92,9 +92,7 @@ def resized_config(config, image_size: int):
         f"image_size={image_size}: {config.model} was trained at "
         f"{config.image_size} and its position embedding fixes that resolution. "
         f"Export at {config.image_size} (omit --image_size).")
-  if image_size < 1 or image_size % info.stride:
-    raise ValueError(f"image_size={image_size} is not a positive multiple of the "
-                     f"total stride {info.stride} of {config.model}.")
+  models.check_image_size(config.model, image_size)
   resized = ml_collections.ConfigDict(config.to_dict())
   with resized.unlocked():
     resized.image_size = image_size

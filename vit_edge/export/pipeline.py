@@ -371,10 +371,7 @@ def export_from_registry(name: str, out: str, *, image_size: Optional[int] = Non
 
   info = models.get_model_info(name)
   size = int(image_size or info.image_size)
-  if size < 1 or size % info.stride:
-    raise ValueError(f"image_size={size} is not a positive multiple of the total "
-                     f"stride {info.stride} of {name}; use e.g. "
-                     f"{max(info.stride, round(size / info.stride) * info.stride)}.")
+  models.check_image_size(name, size)
   overrides = dict(overrides or {})
   model = models.create_model_at_size(name, size, num_classes=num_classes, **overrides)
   given_variables = variables is not None

@@ -156,6 +156,20 @@ def create_model_at_size(name: str, image_size: int, /, num_classes: int = 1000,
   return create_model(name, num_classes=num_classes, **overrides)
 
 
+def check_image_size(name: str, image_size: int, setting: str = "image_size") -> None:
+  """Raises ValueError unless `image_size` is a positive multiple of `name`'s stride.
+
+  The trainer and both export paths call this one check, so a bad size gets the
+  same message wherever it was given; `setting` names where it came from (e.g.
+  "config.image_size").
+  """
+  stride = get_model_info(name).stride
+  if image_size < 1 or image_size % stride:
+    nearest = max(stride, round(image_size / stride) * stride)
+    raise ValueError(f"{setting}={image_size} is not a positive multiple of the total "
+                     f"stride {stride} of {name}; use e.g. {nearest}.")
+
+
 def _field_names(info: ModelInfo) -> list[str]:
   module = info.builder()
   return sorted(f.name for f in dataclasses.fields(module)
