@@ -79,6 +79,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
   """The registry model named by config.model, with the config's overrides."""
   if config.dtype not in _DTYPES:
     raise ValueError(f"config.dtype={config.dtype!r}; expected one of {list(_DTYPES)}.")
+  # ViTs check their own size against the (possibly overridden) patch size, which
+  # the registry's stride does not follow.
   if not models.get_model_info(config.model).fixed_resolution:
     models.check_image_size(config.model, config.image_size, "config.image_size")
   return models.create_model_at_size(
