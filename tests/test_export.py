@@ -256,10 +256,13 @@ def test_vit_int8_quantises_matmul_inputs_at_run_time(tmp_path):
   assert (auto.int8_activations, static.int8_activations) == ("dynamic", "static")
   assert metadata_lib.read_metadata(auto.path)["int8_activations"] == "dynamic"
   assert "dynamic activations" in auto.summary()
-  # Measured: 0.014 vs 2.5 (12% top-1 agreement) on these random weights.
-  assert auto.relative_logit_error < 0.05 < 0.5 < static.relative_logit_error
+  # Measured: 0.014 vs 0.40 on these random weights (2.5 while the last block still
+  # carried the class token in the patch tokens' tensors, under their scale).
+  assert auto.relative_logit_error < 0.05 < 0.25 < static.relative_logit_error
   ops = _op_counts(open(auto.path, "rb").read())
-  assert ops["FULLY_CONNECTED"] >= 8 and "QUANTIZE" not in ops  # Float between matmuls.
+  # Float between matmuls; the last block's class-token products (one row) are
+  # 1x1 convs (vit_edge.export.passes.projection).
+  assert ops["FULLY_CONNECTED"] + ops["CONV_2D"] >= 8 and "QUANTIZE" not in ops
   assert auto.size_bytes < 0.5 * export.export_from_registry(  # Weights int8.
       "deit_tiny_patch16", str(tmp_path / "f.tflite"),
       **dict(common, quantize="none")).size_bytes

@@ -35,6 +35,7 @@ def test_forward_shapes(distilled):
   assert aux["tokens"].shape == (2, prefix + 4, 192)
   assert aux["pre_logits"].shape == (2, 192)
   np.testing.assert_array_equal(aux["pre_logits"], aux["tokens"][:, 0])
+  np.testing.assert_array_equal(aux["prefix_tokens"], aux["tokens"][:, :prefix])
   for key in "qkv":
     assert aux[key].shape == (2, 3, prefix + 4, 64)
   assert "blocks" not in aux
@@ -118,6 +119,41 @@ def test_train_vs_eval():
   plain = model.clone(drop_path_rate=0.0, dropout_rate=0.0)
   np.testing.assert_allclose(_apply(plain, variables, x, train=True)[0], eval1,
                              rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_block_split_computes_the_same_rows(train):
+  # The last block computes the prefix tokens apart from the patch tokens; with the
+  # same parameters and dropout key both parts are the unsplit block's rows, and
+  # stochastic depth keeps or drops a sample's parts together.
+  block = vit.Block(num_heads=2, drop_path_rate=0.5)
+  x = jax.random.normal(jax.random.key(0), (8, 6, 32))
+  variables = block.init(jax.random.key(1), x)
+  rngs = {"dropout": jax.random.key(2)}
+  (whole,), qkv = block.apply(variables, x, train, rngs=rngs)
+  (prefix, patches), split_qkv = block.apply(variables, x, train, 2, rngs=rngs)
+  np.testing.assert_allclose(prefix, whole[:, :2], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(patches, whole[:, 2:], rtol=1e-6, atol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, split_qkv, qkv)
+  if train:  # Some samples dropped, some kept: the check above saw both.
+    residual_only = np.all(np.isclose(whole, x, atol=1e-6), axis=(1, 2))
+    assert 0 < residual_only.sum() < 8
+
+
+def test_patch_tokens_of_the_last_block_are_dead_code_for_the_logits():
+  # Logits alone compile without the last block's patch-token projection and MLP.
+  dim, hidden, patches = 32, 128, (64 // 16) ** 2
+  model = vit.VisionTransformer(image_size=64, embed_dim=dim, depth=2, num_heads=2,
+                                num_classes=3)
+  variables, x = _init(model, size=64, batch=1)
+
+  def flops(fn):
+    return jax.jit(fn).lower(variables, x).compile().cost_analysis()["flops"]
+
+  logits_only = flops(lambda v, x: model.apply(v, x)[0])
+  with_tokens = flops(lambda v, x: model.apply(v, x))
+  patch_macs = patches * (dim * dim + 2 * dim * hidden)  # proj, fc1, fc2.
+  assert with_tokens - logits_only >= 2 * patch_macs
 
 
 def test_bf16_forward():

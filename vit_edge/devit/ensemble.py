@@ -122,8 +122,8 @@ class DeViTEnsemble(nn.Module):
 
   def device_tokens(self, images: jax.Array, train: bool = False) -> jax.Array:
     """Every device's final prefix tokens [B, N, P, d] (what each device sends)."""
-    _, aux = self.submodels(images, train)  # aux["tokens"]: [N, B, T, d].
-    tokens = aux["tokens"][:, :, :self.num_prefix_tokens]
+    _, aux = self.submodels(images, train)  # aux["prefix_tokens"]: [N, B, P, d].
+    tokens = aux["prefix_tokens"][:, :, :self.num_prefix_tokens]
     return tokens.transpose(1, 0, 2, 3)
 
   def fuse(self, tokens: jax.Array, presence: Optional[jax.Array] = None,

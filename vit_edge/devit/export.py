@@ -55,7 +55,7 @@ def token_serving(image_size: int, num_prefix_tokens: int):
 
   def serve(model, variables, image):
     _, aux = model.apply(variables, image, train=False)
-    return {"tokens": aux["tokens"][:, :num_prefix_tokens].astype(jnp.float32)}
+    return {"tokens": aux["prefix_tokens"][:, :num_prefix_tokens].astype(jnp.float32)}
 
   return serving.ServingSpec(
       inputs=[serving.TensorSpec("image", (1, image_size, image_size, 3))],

@@ -107,19 +107,26 @@ def check_divisible_resolution(x: jax.Array, stride: int, model_name: str) -> No
 class DropPath(nn.Module):
   """Stochastic depth per sample (timm DropPath); identity in eval or at rate 0.
 
-  Draws from the 'dropout' RNG stream.
+  Draws from the 'dropout' RNG stream. `x` may be a tuple of arrays with the same
+  leading (batch) axis, e.g. one residual branch computed in parts of its rows:
+  each sample then keeps or drops all of its parts together.
   """
 
   rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x, deterministic: bool):
     if deterministic or self.rate == 0.0:
       return x
     keep = 1.0 - self.rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    batch = jax.tree.leaves(x)[0].shape[0]
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (batch,))
+
+    def drop(part: jax.Array) -> jax.Array:
+      per_sample = mask.reshape((batch,) + (1,) * (part.ndim - 1))
+      return jnp.where(per_sample, part / keep, jnp.zeros_like(part))
+
+    return jax.tree.map(drop, x)
 
 
 class Mlp(nn.Module):

@@ -90,8 +90,15 @@ class Attention(nn.Module):
   head_dim: Optional[int] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """Returns the attended tokens [B, N, D] and (q, k, v), each [B, heads, N, hd]."""
+  def __call__(self, x: jax.Array, split: Optional[int] = None
+               ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Returns the attended tokens and (q, k, v), each [B, heads, N, hd].
+
+    The attended tokens are ``(out,)``, [B, N, D], or with ``split=p`` the pair
+    ``(out[:, :p], out[:, p:])`` computed apart from each other (every key and value
+    still feeds both), so that a caller that uses only one part leaves the other as
+    dead code for the compiler to drop.
+    """
     b, n, dim = x.shape
     if self.head_dim is None and dim % self.num_heads:
       raise ValueError(f"Token width {dim} is not divisible by num_heads="
@@ -104,19 +111,36 @@ class Attention(nn.Module):
                               dot_general=layers.dense_dot_general)
     qkv = dense(3 * inner, use_bias=self.qkv_bias, name="qkv")(x)
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
+    proj = dense(dim, name="proj")
     if layers.fused_attention_applies(qkv.dtype):
       out = layers.fused_attention(qkv, head_dim ** -0.5)
       q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-      return dense(dim, name="proj")(out), (q, k, v)
-    # Same split as timm: reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4).
-    qkv = qkv.transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim ** -0.5, k)
-    # Softmax in float32 so bf16 inference keeps the attention rows normalised.
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", attn, v)
-    out = out.transpose(0, 2, 1, 3).reshape(b, n, inner)
-    return dense(dim, name="proj")(out), (q, k, v)
+      parts = _row_parts(out, split, axis=1)
+    else:
+      # Same split as timm: reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4).
+      qkv = qkv.transpose(2, 0, 3, 1, 4)
+      q, k, v = qkv[0], qkv[1], qkv[2]
+      parts = tuple(_attend(rows, k, v, head_dim ** -0.5)
+                    for rows in _row_parts(q, split, axis=2))
+    return tuple(proj(part) for part in parts), (q, k, v)
+
+
+def _row_parts(x: jax.Array, split: Optional[int], axis: int) -> tuple[jax.Array, ...]:
+  """``(x,)``, or x cut along `axis` into its first `split` rows and the rest."""
+  if split is None:
+    return (x,)
+  return (jax.lax.slice_in_dim(x, 0, split, axis=axis),
+          jax.lax.slice_in_dim(x, split, x.shape[axis], axis=axis))
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+  """softmax(q k^T * scale) v for q [B, heads, M, hd] -> [B, M, heads * hd]."""
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k)
+  # Softmax in float32 so bf16 inference keeps the attention rows normalised.
+  attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhqk,bhkd->bhqd", attn, v)
+  b, heads, m, head_dim = out.shape
+  return out.transpose(0, 2, 1, 3).reshape(b, m, heads * head_dim)
 
 
 class Block(nn.Module):
@@ -141,20 +165,27 @@ class Block(nn.Module):
   mlp_hidden: Optional[int] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False
-               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """Returns the block output and the attention's (q, k, v)."""
+  def __call__(self, x: jax.Array, train: bool = False, split: Optional[int] = None
+               ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Returns the block output and the attention's (q, k, v).
+
+    The output is ``(x,)``, or with ``split=p`` the pair (first p tokens, the rest)
+    computed apart after the attention (see `Attention`); the same parameters,
+    and stochastic depth drops a sample's parts together.
+    """
     norm = functools.partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=self.dtype)
-    y, qkv = Attention(self.num_heads, self.qkv_bias, dtype=self.dtype,
-                       head_dim=self.head_dim, name="attn")(norm(name="norm1")(x))
-    x = x + layers.DropPath(self.drop_path_rate, name="drop_path1")(
-        y, deterministic=not train)
+    ys, qkv = Attention(self.num_heads, self.qkv_bias, dtype=self.dtype,
+                        head_dim=self.head_dim, name="attn")(norm(name="norm1")(x), split)
+    ys = layers.DropPath(self.drop_path_rate, name="drop_path1")(
+        ys, deterministic=not train)
+    parts = tuple(rows + y for rows, y in zip(_row_parts(x, split, axis=1), ys))
     hidden = self.mlp_hidden or int(x.shape[-1] * self.mlp_ratio)
-    y = layers.Mlp(hidden, dtype=self.dtype, name="mlp")(
-        norm(name="norm2")(x), deterministic=not train)
-    x = x + layers.DropPath(self.drop_path_rate, name="drop_path2")(
-        y, deterministic=not train)
-    return x, qkv
+    mlp = layers.Mlp(hidden, dtype=self.dtype, name="mlp")
+    norm2 = norm(name="norm2")
+    ys = tuple(mlp(norm2(rows), deterministic=not train) for rows in parts)
+    ys = layers.DropPath(self.drop_path_rate, name="drop_path2")(
+        ys, deterministic=not train)
+    return tuple(rows + y for rows, y in zip(parts, ys)), qkv
 
 
 class VisionTransformer(nn.Module):
@@ -166,6 +197,10 @@ class VisionTransformer(nn.Module):
                                 patch_size=4, num_classes=100, qkv_block=2)
       variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
       logits, aux = model.apply(variables, images)   # aux["q"]: [B, 3, 65, 64]
+
+  aux holds "stem" (the patch embeddings), "tokens" (every final token, after the
+  last norm), "prefix_tokens" (the class/distillation ones alone), "pre_logits",
+  the chosen block's "q", "k", "v", and the distilled model's two heads' logits.
 
   Attributes:
     num_classes: classes of the head(s); 0 = no head, the logits are the pre-logits
@@ -241,6 +276,9 @@ class VisionTransformer(nn.Module):
     if self.embed_dim % self.num_heads:
       raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads="
                        f"{self.num_heads}; pick a num_heads that divides embed_dim.")
+    if self.depth < 1:
+      raise ValueError(f"depth={self.depth}: a ViT needs at least one block; set "
+                       "depth to 1 or more.")
     if _qkv_block_out_of_range(self.qkv_block, self.depth):
       raise ValueError(f"qkv_block={self.qkv_block} is out of range for depth="
                        f"{self.depth}; use 0..{self.depth - 1} or a negative index.")
@@ -274,15 +312,25 @@ class VisionTransformer(nn.Module):
     widths = self.unit_widths or {}
     for i, rate in enumerate(rates):
       heads = widths.get(f"blocks_{i}/attn", self.num_heads)
-      x, qkv = Block(heads, self.mlp_ratio, self.qkv_bias, rate, dtype=self.dtype,
-                     head_dim=self.embed_dim // self.num_heads,
-                     mlp_hidden=widths.get(f"blocks_{i}/mlp"),
-                     name=f"blocks_{i}")(x, train)
+      # The heads read only the prefix tokens, so after its attention the last block
+      # computes them apart from the patch tokens: a caller that does not use
+      # aux["tokens"] (inference, the export, a classification loss) leaves the
+      # patch tokens' projection and MLP as dead code, 6% of DeiT-Ti's MACs.
+      last = i == self.depth - 1
+      parts, qkv = Block(heads, self.mlp_ratio, self.qkv_bias, rate, dtype=self.dtype,
+                         head_dim=self.embed_dim // self.num_heads,
+                         mlp_hidden=widths.get(f"blocks_{i}/mlp"),
+                         name=f"blocks_{i}")(
+                             x, train, self.num_prefix_tokens if last else None)
+      x = parts if last else parts[0]
       if i == qkv_block:
         aux["q"], aux["k"], aux["v"] = qkv
 
-    x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x)
-    aux["tokens"] = x
+    norm = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")
+    prefix, patches = (norm(rows) for rows in x)
+    aux["tokens"] = jnp.concatenate([prefix, patches], axis=1)
+    aux["prefix_tokens"] = prefix  # Without the concatenation, for DeViT's devices.
+    x = prefix
     cls_tok = x[:, 0]
     aux["pre_logits"] = cls_tok
     drop = nn.Dropout(self.dropout_rate)

@@ -42,8 +42,9 @@ class EnsembleTokenMatch(Term):
     return model
 
   def _teacher_tokens(self, teacher_aux, num_branches: int) -> jax.Array:
-    if "tokens" in teacher_aux:
-      tokens = teacher_aux["tokens"]
+    # A ViT teacher's prefix tokens alone leave its patch tokens' last block unused.
+    tokens = teacher_aux.get("prefix_tokens", teacher_aux.get("tokens"))
+    if tokens is not None:
       index = [min(p, self._teacher_prefix - 1) for p in range(num_branches)]
       return tokens[:, jnp.asarray(index)]
     pre = teacher_aux["pre_logits"]
