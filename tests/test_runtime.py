@@ -185,6 +185,20 @@ def test_latency_measure(model_path):
   assert stats["undelegated_ops"] == {}  # The tiny TFormer runs fully on XNNPACK.
 
 
+def test_latency_paired_times_two_files_in_turn(model_path, tmp_path, capsys):
+  stats = latency.paired(model_path, model_path, num_threads=1, pairs=4, warmup=1)
+  assert stats["pairs"] == 4 and stats["a_min_ms"] > 0 and stats["b_min_ms"] > 0
+  assert 0 < stats["ratio_q25"] <= stats["ratio_median"] <= stats["ratio_q75"]
+  assert latency.main([model_path, "--against", model_path, "--runs", "3",
+                       "--warmup", "1"]) == 0
+  assert json.loads(capsys.readouterr().out.splitlines()[-1])["pairs"] == 3
+  with pytest.raises(ValueError, match="pairs=0"):
+    latency.paired(model_path, model_path, pairs=0)
+  missing = str(tmp_path / "before.tflite")
+  assert latency.main([model_path, "--against", missing]) == 2
+  assert missing in capsys.readouterr().err
+
+
 def test_profile_ops_by_isolation(model_path):
   rows = latency.profile_ops(model_path, num_threads=1, runs=2)
   ops = {r["op"] for r in rows}

@@ -6,6 +6,8 @@ memory figure belongs to one model::
     python -m vit_edge.runtime.latency model.tflite --threads 1 --runs 50 \
         --warmup 10   # prints one JSON object
     python -m vit_edge.runtime.latency model.tflite --profile_ops  # + per-op times
+    python -m vit_edge.runtime.latency after.tflite --against before.tflite \
+        --runs 150  # pairs in turn: median ratio after / before
 
 Latency: wall time of ``Interpreter.invoke()`` (XNNPACK, the default delegate)
 on a fixed random input, after `warmup` untimed runs; median and 90th
@@ -130,20 +132,8 @@ def measure(model_path: str, num_threads: int = 1, runs: int = 50,
   if runs < 1 or warmup < 0 or num_threads < 1:
     raise ValueError(f"runs={runs} must be >= 1, warmup={warmup} >= 0 and "
                      f"num_threads={num_threads} >= 1.")
-  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
   baseline = _rss_mb()
-  interpreter = Interpreter(model_path=model_path, num_threads=num_threads)
-  interpreter.allocate_tensors()
-  (inp,) = interpreter.get_input_details()
-  rng = np.random.default_rng(seed)
-  if np.issubdtype(inp["dtype"], np.integer):
-    info = np.iinfo(inp["dtype"])
-    data = rng.integers(info.min, info.max + 1, inp["shape"]).astype(inp["dtype"])
-  else:
-    data = rng.standard_normal(inp["shape"]).astype(inp["dtype"])
-  interpreter.set_tensor(inp["index"], data)
-  for _ in range(warmup):
-    interpreter.invoke()
+  interpreter = _ready_interpreter(model_path, num_threads, warmup, seed)
   times = np.empty(runs)
   for i in range(runs):
     start = time.perf_counter()
@@ -159,6 +149,69 @@ def measure(model_path: str, num_threads: int = 1, runs: int = 50,
           "delegate_partitions": sum(o["op_name"] == "DELEGATE" for o in ops),
           "num_ops": sum(o["op_name"] != "DELEGATE" for o in ops),
           "undelegated_ops": undelegated_ops(interpreter)}
+
+
+def _ready_interpreter(model_path: str, num_threads: int, warmup: int, seed: int):
+  """An interpreter with a fixed random input set, after `warmup` invocations."""
+  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+  interpreter = Interpreter(model_path=model_path, num_threads=num_threads)
+  interpreter.allocate_tensors()
+  (inp,) = interpreter.get_input_details()
+  rng = np.random.default_rng(seed)
+  if np.issubdtype(inp["dtype"], np.integer):
+    info = np.iinfo(inp["dtype"])
+    data = rng.integers(info.min, info.max + 1, inp["shape"]).astype(inp["dtype"])
+  else:
+    data = rng.standard_normal(inp["shape"]).astype(inp["dtype"])
+  interpreter.set_tensor(inp["index"], data)
+  for _ in range(warmup):
+    interpreter.invoke()
+  return interpreter
+
+
+def paired(model_a: str, model_b: str, num_threads: int = 1, pairs: int = 100,
+           warmup: int = 5, seed: int = 0) -> dict[str, Any]:
+  """Times two models invoked in turn (A B, B A, A B, ...) and compares each pair.
+
+  On a host whose speed drifts by itself (a shared VM) two adjacent invocations
+  see the same speed, so the per-pair ratio B / A resolves a before/after change
+  that separate rounds of :func:`measure` cannot.
+
+  Args:
+    model_a: the reference .tflite (e.g. before a change).
+    model_b: the one compared with it (after).
+    num_threads: CPU threads for both.
+    pairs: timed pairs (>= 1).
+    warmup: untimed invocations of each first.
+    seed: of the random inputs.
+
+  Returns:
+    ``{"ratio_median", "ratio_q25", "ratio_q75"}`` of B / A over the pairs, and
+    ``"a_median_ms"``, ``"b_median_ms"``, ``"a_min_ms"``, ``"b_min_ms"``,
+    ``"pairs"``, ``"threads"``.
+
+  Example::
+
+      paired("before.tflite", "after.tflite", pairs=150)["ratio_median"]  # 0.94
+  """
+  if pairs < 1 or warmup < 0 or num_threads < 1:
+    raise ValueError(f"pairs={pairs} must be >= 1, warmup={warmup} >= 0 and "
+                     f"num_threads={num_threads} >= 1.")
+  interpreters = [_ready_interpreter(path, num_threads, warmup, seed)
+                  for path in (model_a, model_b)]
+  times = np.empty((pairs, 2))
+  for i in range(pairs):
+    for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+      start = time.perf_counter()
+      interpreters[k].invoke()
+      times[i, k] = (time.perf_counter() - start) * 1e3
+  ratios = times[:, 1] / times[:, 0]
+  q25, median, q75 = (float(q) for q in np.percentile(ratios, [25, 50, 75]))
+  return {"ratio_median": median, "ratio_q25": q25, "ratio_q75": q75,
+          "a_median_ms": float(np.median(times[:, 0])),
+          "b_median_ms": float(np.median(times[:, 1])),
+          "a_min_ms": float(times[:, 0].min()), "b_min_ms": float(times[:, 1].min()),
+          "pairs": pairs, "threads": num_threads}
 
 
 def _op_macs(name: str, inputs: list, outputs: list) -> int:
@@ -303,11 +356,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--warmup", type=int, default=10)
   parser.add_argument("--profile_ops", action="store_true",
                       help="also time every op in isolation (see profile_ops)")
+  parser.add_argument("--against", default=None,
+                      help="a second .tflite: time both in turn, pair by pair, and "
+                           "print the ratio against it (see paired)")
   args = parser.parse_args(argv)
-  problem = model_file_problem(args.model)
-  if problem:
-    print(f"error: {problem}", file=sys.stderr)
-    return 2
+  for path in [args.model] + ([args.against] if args.against else []):
+    problem = model_file_problem(path)
+    if problem:
+      print(f"error: {problem}", file=sys.stderr)
+      return 2
+  if args.against:
+    print(json.dumps(paired(args.against, args.model, args.threads, args.runs,
+                            args.warmup)))
+    return 0
   if args.profile_ops:
     rows = profile_ops(args.model, args.threads)
     total = sum(r["ms"] for r in rows)
