@@ -110,6 +110,30 @@ def test_unit_axis_projection_becomes_conv():
          present={"conv_general_dilated"}, atol=1e-5)
 
 
+@pytest.mark.parametrize("size,patch", [(8, 4), (6, 2), (7, 2)])
+def test_patch_conv_becomes_one_matmul(size, patch):
+  rng = np.random.RandomState(4)
+  w = rng.randn(patch, patch, 3, 5).astype(np.float32)
+  image = jnp.asarray(rng.randn(2, size, size, 3), jnp.float32)
+  conv = lambda x: lax.conv_general_dilated(x, w, (patch, patch), "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  after = _check(conv, (image,), {"conv_general_dilated"}, present={"dot_general"},
+                 atol=1e-5)
+  assert "transpose" in after  # The patches gathered, not a strided conv.
+  # Left alone: overlapping windows (stride < kernel), padding, a traced kernel.
+  for fn, args in [
+      (lambda x: lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=(
+          "NHWC", "HWIO", "NHWC")), (image,)),
+      (lambda x: lax.conv_general_dilated(x, w, (patch, patch), "SAME",
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC")),
+       (image[:, :patch * 2 - 1],)),  # Rows padded by SAME.
+      (lambda x, k: lax.conv_general_dilated(x, k, (patch, patch), "VALID",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC")),
+       (image, jnp.asarray(w)))]:
+    new = rewrite.rewritten(fn, *args)
+    assert "conv_general_dilated" in _primitives(jax.make_jaxpr(new)(*args).jaxpr)
+
+
 def test_sliced_projection_splits_with_int8_option_only():
   w = np.random.RandomState(1).randn(4, 9).astype(np.float32)
   b = np.random.RandomState(2).randn(9).astype(np.float32)

@@ -19,6 +19,7 @@ from vit_edge.export.passes import activation_product
 from vit_edge.export.passes import broadcast
 from vit_edge.export.passes import gelu
 from vit_edge.export.passes import max_pool
+from vit_edge.export.passes import patch_conv
 from vit_edge.export.passes import projection
 from vit_edge.export.passes import sliced_projection
 from vit_edge.export.passes import softmax
@@ -33,6 +34,7 @@ PASSES: tuple[Pass, ...] = (
     softmax.PASS,
     max_pool.PASS,
     window_sum.PASS,
+    patch_conv.PASS,
     broadcast.PASS,
     sliced_projection.PASS,
     projection.PASS,
