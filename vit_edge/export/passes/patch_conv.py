@@ -21,9 +21,11 @@ def _patch_grid(eqn, lhs_shape, kernel_shape):
   """(rows, cols) of patches if `eqn` is a patchifying NHWC conv, else None."""
   from jax import lax  # pylint: disable=g-import-not-at-top
   p = eqn.params
+  if len(lhs_shape) != 4 or len(kernel_shape) != 4:
+    return None
   kh, kw = kernel_shape[:2]
   expected = lax.conv_dimension_numbers(lhs_shape, kernel_shape, _NHWC)
-  if (p["dimension_numbers"] != expected or len(lhs_shape) != 4
+  if (p["dimension_numbers"] != expected
       or tuple(p["window_strides"]) != (kh, kw) or kh * kw == 1
       or any(tuple(pad) != (0, 0) for pad in p["padding"])
       or any(d != 1 for d in (*p["lhs_dilation"], *p["rhs_dilation"]))
@@ -36,7 +38,7 @@ def _apply(eqn, invals, ctx: base.Context):
   from jax import lax  # pylint: disable=g-import-not-at-top
   lhs = invals[0]
   kernel = ctx.constant(eqn.invars[1])
-  if kernel is None or kernel.ndim != 4:
+  if kernel is None:
     return None
   grid = _patch_grid(eqn, lhs.shape, kernel.shape)
   if grid is None or 0 in grid:
