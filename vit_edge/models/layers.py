@@ -245,7 +245,7 @@ def _accumulation_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _undilated_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers) -> bool:
+def undilated_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers) -> bool:
   """True for a conv without dilation on NHWC input with an HWIO kernel."""
   if any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ())):
     return False
@@ -262,7 +262,7 @@ def _is_plain_depthwise(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
   channels = lhs.shape[-1]
   if rhs.shape[2:] != (1, channels) or feature_group_count != channels:
     return False
-  return _undilated_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers)
+  return undilated_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers)
 
 
 def _depthwise_forward(x, w, strides, pads):
@@ -375,7 +375,7 @@ def _is_pointwise(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
       return False
   elif any(int(p) != 0 for pair in padding for p in pair):
     return False
-  return _undilated_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers)
+  return undilated_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers)
 
 
 def _kernel_by_group(w, groups):
