@@ -134,6 +134,61 @@ def test_patch_conv_becomes_one_matmul(size, patch):
     assert "conv_general_dilated" in _primitives(jax.make_jaxpr(new)(*args).jaxpr)
 
 
+def _live(fn, *args) -> list:
+  """Primitives that `fn`'s outputs depend on (the converter drops the rest)."""
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  needed, names = {v for v in jaxpr.outvars if not base.is_literal(v)}, []
+  for eqn in reversed(jaxpr.eqns):
+    if any(v in needed for v in eqn.outvars):
+      names.append(eqn.primitive.name)
+      needed |= {v for v in eqn.invars if not base.is_literal(v)}
+  return names
+
+
+def _pointwise_conv(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def _wrapped_pointwise_conv(x, w):  # As the models wrap theirs (custom gradient).
+  return _pointwise_conv(x, w)
+
+
+_wrapped_pointwise_conv.defvjp(lambda x, w: (_pointwise_conv(x, w), None),
+                               lambda _, g: (g, None))
+
+
+def test_linear_pair_becomes_one_product():
+  rng = np.random.RandomState(5)
+  w1, w2 = rng.randn(1, 1, 4, 6).astype(np.float32), rng.randn(1, 1, 6, 8).astype(np.float32)
+  b1, mean, var, gamma, beta = rng.randn(5, 6).astype(np.float32)
+  image = jnp.asarray(rng.randn(2, 5, 5, 4), jnp.float32)
+
+  def batch_norm(y):
+    return (y - mean) * (lax.rsqrt(jnp.abs(var) + 1e-5) * gamma) + beta
+
+  def pair(x):  # 1x1 conv + bias, BatchNorm, 1x1 conv: 4 -> 6 -> 8.
+    return _wrapped_pointwise_conv(batch_norm(_wrapped_pointwise_conv(x, w1) + b1), w2)
+
+  new = rewrite.rewritten(pair, image)
+  assert _live(new, image).count("conv_general_dilated") == 1
+  np.testing.assert_allclose(jax.jit(new)(image), pair(image), atol=1e-5, rtol=1e-5)
+  dense = lambda x: (1.0 - (x @ w1[0, 0] + b1) * gamma) @ w2[0, 0]  # Projections.
+  new = rewrite.rewritten(dense, image)
+  assert _live(new, image).count("dot_general") == 1
+  np.testing.assert_allclose(jax.jit(new)(image), dense(image), atol=1e-5, rtol=1e-5)
+  # Left alone: an activation between, a second reader of the middle, and a
+  # bottleneck whose merged product would cost more (4 -> 2 -> 8).
+  squeeze = rng.randn(1, 1, 4, 2).astype(np.float32)
+  expand = rng.randn(1, 1, 2, 8).astype(np.float32)
+  for fn in (lambda x: _pointwise_conv(jax.nn.relu(_pointwise_conv(x, w1)), w2),
+             lambda x: (_pointwise_conv(_pointwise_conv(x, w1) * gamma, w2),
+                        _pointwise_conv(x, w1)),
+             lambda x: _pointwise_conv(_pointwise_conv(x, squeeze), expand)):
+    assert _live(rewrite.rewritten(fn, image), image).count("conv_general_dilated") >= 2
+
+
 def test_sliced_projection_splits_with_int8_option_only():
   w = np.random.RandomState(1).randn(4, 9).astype(np.float32)
   b = np.random.RandomState(2).randn(9).astype(np.float32)

@@ -6,7 +6,9 @@ of :data:`vit_edge.export.passes.PASSES` (first match wins) and binding the
 original primitive otherwise. Sub-graphs are rewritten too:
 
 * call-like primitives (pjit, closed_call, custom_jvp_call, custom_vjp_call,
-  checkpoint) are evaluated inline; the export needs no derivatives;
+  checkpoint) are inlined first (:func:`flattened`), so a pass sees producers
+  and consumers across them (a 1x1 conv inside a custom-gradient wrapper and
+  the BatchNorm outside it); the export needs no derivatives;
 * ``cond`` (``lax.cond`` / ``lax.switch``) becomes ``lax.switch`` over the
   rewritten branches; ``scan`` becomes ``lax.scan`` of the rewritten body;
   ``while`` becomes ``lax.while_loop`` of the rewritten condition and body.
@@ -41,26 +43,26 @@ def _split(values: Sequence[Any], *sizes: int) -> list[list[Any]]:
   return parts
 
 
-def _eval_closed(closed, args, options):
+def _eval_closed(closed, args, options, passes):
   return eval_jaxpr(getattr(closed, "jaxpr", closed), getattr(closed, "consts", ()),
-                    args, options)
+                    args, options, passes)
 
 
-def _cond(eqn, invals, options):
+def _cond(eqn, invals, options, passes):
   from jax import lax  # pylint: disable=g-import-not-at-top
   index, *operands = invals
-  branches = [lambda *ops, br=br: _eval_closed(br, ops, options)
+  branches = [lambda *ops, br=br: _eval_closed(br, ops, options, passes)
               for br in eqn.params["branches"]]
   return lax.switch(index, branches, *operands)
 
 
-def _scan(eqn, invals, options):
+def _scan(eqn, invals, options, passes):
   from jax import lax  # pylint: disable=g-import-not-at-top
   p = eqn.params
   consts, carry, xs = _split(invals, p["num_consts"], p["num_carry"])
 
   def body(c, x):
-    outs = _eval_closed(p["jaxpr"], [*consts, *c, *x], options)
+    outs = _eval_closed(p["jaxpr"], [*consts, *c, *x], options, passes)
     return outs[:p["num_carry"]], outs[p["num_carry"]:]
 
   carry_out, ys = lax.scan(body, carry, xs, length=p["length"], reverse=p["reverse"],
@@ -68,14 +70,15 @@ def _scan(eqn, invals, options):
   return [*carry_out, *ys]
 
 
-def _while(eqn, invals, options):
+def _while(eqn, invals, options, passes):
   from jax import lax  # pylint: disable=g-import-not-at-top
   p = eqn.params
   cond_consts, body_consts, init = _split(invals, p["cond_nconsts"],
                                           p["body_nconsts"])
   out = lax.while_loop(
-      lambda c: _eval_closed(p["cond_jaxpr"], [*cond_consts, *c], options)[0],
-      lambda c: list(_eval_closed(p["body_jaxpr"], [*body_consts, *c], options)),
+      lambda c: _eval_closed(p["cond_jaxpr"], [*cond_consts, *c], options, passes)[0],
+      lambda c: list(_eval_closed(p["body_jaxpr"], [*body_consts, *c], options,
+                                  passes)),
       list(init))
   return list(out)
 
@@ -88,10 +91,10 @@ def _evaluate(eqn, invals, ctx: base.Context):
   name = eqn.primitive.name
   inner = eqn.params.get(_INLINE_PARAMS.get(name, ""))
   if inner is not None:
-    return _eval_closed(inner, invals, ctx.options)
+    return _eval_closed(inner, invals, ctx.options, ctx.passes)
   if name in _CONTROL_FLOW:
-    return _CONTROL_FLOW[name](eqn, invals, ctx.options)
-  for rewrite in passes_lib.PASSES:
+    return _CONTROL_FLOW[name](eqn, invals, ctx.options, ctx.passes)
+  for rewrite in ctx.passes:
     if name in rewrite.primitives:
       outs = rewrite.apply(eqn, invals, ctx)
       if outs is not None:
@@ -99,8 +102,9 @@ def _evaluate(eqn, invals, ctx: base.Context):
   return base.bind(eqn, *invals)
 
 
-def eval_jaxpr(jaxpr, consts, args, options: base.Options) -> list[Any]:
-  """Evaluates `jaxpr` on `args` with every pass applied (see the module docstring)."""
+def eval_jaxpr(jaxpr, consts, args, options: base.Options,
+               passes: Sequence[base.Pass] = passes_lib.PASSES) -> list[Any]:
+  """Evaluates `jaxpr` on `args` with `passes` applied (see the module docstring)."""
   env: dict = {}
 
   def read(atom):
@@ -114,7 +118,9 @@ def eval_jaxpr(jaxpr, consts, args, options: base.Options) -> list[Any]:
       if not base.is_literal(v):
         consumers[v].append(eqn)
   ctx = base.Context(options=options, read=read, producers=producers,
-                     consumers=consumers)
+                     consumers=consumers, passes=tuple(passes),
+                     outputs=frozenset(v for v in jaxpr.outvars
+                                       if not base.is_literal(v)))
   env.update(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
   for eqn in jaxpr.eqns:
@@ -124,6 +130,17 @@ def eval_jaxpr(jaxpr, consts, args, options: base.Options) -> list[Any]:
     else:
       env[eqn.outvars[0]] = outs
   return [read(v) for v in jaxpr.outvars]
+
+
+def flattened(closed):
+  """`closed` (a ClosedJaxpr) with its call-like sub-graphs inlined, passes off.
+
+  Control flow (cond, scan, while) keeps its sub-graphs.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+  return jax.make_jaxpr(lambda *args: eval_jaxpr(
+      closed.jaxpr, closed.consts, args, base.Options(), passes=()))(*avals)
 
 
 def rewritten(fn: Callable[..., Any], *example_args,
@@ -140,6 +157,7 @@ def rewritten(fn: Callable[..., Any], *example_args,
   """
   import jax  # pylint: disable=g-import-not-at-top
   closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*example_args)
+  closed = flattened(closed)
   out_tree = jax.tree_util.tree_structure(out_shape)
 
   def evaluate(*args):

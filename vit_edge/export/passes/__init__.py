@@ -18,6 +18,7 @@ from __future__ import annotations
 from vit_edge.export.passes import activation_product
 from vit_edge.export.passes import broadcast
 from vit_edge.export.passes import gelu
+from vit_edge.export.passes import linear_pair
 from vit_edge.export.passes import max_pool
 from vit_edge.export.passes import patch_conv
 from vit_edge.export.passes import projection
@@ -34,6 +35,7 @@ PASSES: tuple[Pass, ...] = (
     softmax.PASS,
     max_pool.PASS,
     window_sum.PASS,
+    linear_pair.PASS,
     patch_conv.PASS,
     broadcast.PASS,
     sliced_projection.PASS,

@@ -9,6 +9,12 @@ import numpy as np
 
 GELU_MODES = ("tanh", "exact")
 
+# Single-result ops without sub-graphs that Context.constant evaluates on constants.
+FOLDABLE = frozenset({"reshape", "broadcast_in_dim", "convert_element_type",
+                      "squeeze", "expand_dims", "transpose", "add", "sub", "mul",
+                      "div", "neg", "abs", "rsqrt", "sqrt", "square", "integer_pow",
+                      "exp", "log", "max", "min"})
+
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -39,6 +45,8 @@ class Context:
     read: atom -> its value (a tracer, or a concrete array for constants).
     producers: var -> the equation that produced it (earlier equations only).
     consumers: var -> the equations that read it.
+    passes: the passes offered each equation, in order.
+    outputs: the jaxpr's output variables.
     cache: per-jaxpr scratch space of passes (e.g. shared max-pool cascades).
   """
 
@@ -46,6 +54,8 @@ class Context:
   read: Callable[[Any], Any]
   producers: dict
   consumers: dict
+  passes: tuple = ()
+  outputs: frozenset = frozenset()
   cache: dict = dataclasses.field(default_factory=dict)
 
   def producer(self, atom, primitive: str):
@@ -53,30 +63,39 @@ class Context:
     eqn = None if is_literal(atom) else self.producers.get(atom)
     return eqn if eqn is not None and eqn.primitive.name == primitive else None
 
+  def used_once(self, var) -> bool:
+    """Whether `var` is read by exactly one equation and is not an output."""
+    return len(self.consumers.get(var, ())) == 1 and var not in self.outputs
+
   def constant(self, atom) -> Optional[np.ndarray]:
-    """The numpy value of `atom` if it is a constant (through reshapes), else None.
+    """The numpy value of `atom` if it is a constant, else None.
 
     Under jit every bound op yields a tracer, even of constants (a Dense bias
-    reshaped for broadcasting), so constness is traced back to the variables.
+    reshaped for broadcasting, BatchNorm's ``scale * rsqrt(var + eps)``), so
+    constness is traced back to the variables and the ops between are folded.
     """
     if is_literal(atom):
       return np.asarray(atom.val)
     value = self.read(atom)
     if not is_traced(value):
       return np.asarray(value)
-    eqn = self.producers.get(atom)
-    if eqn is None or eqn.primitive.name not in ("reshape", "broadcast_in_dim",
-                                                 "convert_element_type"):
+    key = ("constant", atom)
+    if key not in self.cache:
+      self.cache[key] = self._fold(self.producers.get(atom))
+    return self.cache[key]
+
+  def _fold(self, eqn) -> Optional[np.ndarray]:
+    """The value of `eqn` (a FOLDABLE op) when all its inputs are constants."""
+    if eqn is None or eqn.primitive.name not in FOLDABLE:
       return None
-    source = self.constant(eqn.invars[0])
-    if source is None:
-      return None
-    if eqn.primitive.name == "reshape":
-      return source.reshape(eqn.params["new_sizes"])
-    if eqn.primitive.name == "convert_element_type":
-      return source.astype(eqn.params["new_dtype"])
-    return broadcast_in_dim_value(source, eqn.params["shape"],
-                                  eqn.params["broadcast_dimensions"])
+    sources = []
+    for v in eqn.invars:
+      sources.append(self.constant(v))
+      if sources[-1] is None:
+        return None
+    import jax  # pylint: disable=g-import-not-at-top
+    with jax.ensure_compile_time_eval():
+      return np.asarray(bind(eqn, *sources))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,14 +136,6 @@ def is_traced(x) -> bool:
   """Whether `x` is a tracer (data-dependent), not a concrete constant."""
   import jax  # pylint: disable=g-import-not-at-top
   return isinstance(x, jax.core.Tracer)
-
-
-def broadcast_in_dim_value(source: np.ndarray, shape, broadcast_dimensions):
-  """numpy's version of lax.broadcast_in_dim."""
-  expanded = [1] * len(shape)
-  for axis, dim in enumerate(broadcast_dimensions):
-    expanded[dim] = source.shape[axis]
-  return np.broadcast_to(source.reshape(expanded), shape)
 
 
 def is_same_pool(eqn) -> bool:
