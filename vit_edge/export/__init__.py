@@ -68,6 +68,13 @@ delegate, does not run or that the converter lowers badly:
 * A projection of a map with a size-1 token or patch axis (EdgeViT at 32 px,
   MobileViTv2 at 64 px) becomes a 1x1 convolution: the converter folds it into a
   BATCH_MATMUL of the wrong rank and fails otherwise.
+* A patchifying convolution (kernel = stride, no padding: DeiT's patch
+  embedding, EdgeViT's stem and downsamplings) becomes a reshape, a transpose and
+  one product (XNNPACK's CONV_2D is slow on 3 input channels).
+* Two pointwise linear maps in a row with only per-channel adds and multiplies
+  between (a 1x1 conv + BatchNorm, then the next block's 1x1 expansion in
+  MobileViTv2) become one product with the merged kernel, where that has fewer
+  MACs: 12% of MobileViTv2-0.5's and -1.0's.
 * A product of an activation and a transposed activation without batch axes
   (single-head attention scores at batch 1: EdgeViT's first stage) keeps a size-1
   batch axis; the converter would otherwise make it a FULLY_CONNECTED with

@@ -138,7 +138,9 @@ def flattened(closed):
   Control flow (cond, scan, while) keeps its sub-graphs.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+  avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype,
+                                 weak_type=getattr(v.aval, "weak_type", False))
+           for v in closed.jaxpr.invars]
   return jax.make_jaxpr(lambda *args: eval_jaxpr(
       closed.jaxpr, closed.consts, args, base.Options(), passes=()))(*avals)
 
