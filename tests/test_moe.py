@@ -329,7 +329,7 @@ def test_routed_model_exports_through_the_parity_guard(quantize, tmp_path):
   _, aux = model.apply(variables, images, train=False)
   assert float(np.mean(np.asarray(aux["stage4_layer0/moe_kept"]))) < 1.0
   # export_from_registry raises ParityError (and writes nothing) when a float
-  # export's logits leave the tolerance; int8 reports its top-1 agreement.
+  # export's logits leave the tolerance; int8 reports its agreement and error.
   out = tmp_path / f"moe_{quantize}.tflite"
   report = export.export_from_registry(
       "mobilevitv2_moe_xs", str(out), image_size=64, num_classes=10,
@@ -339,7 +339,12 @@ def test_routed_model_exports_through_the_parity_guard(quantize, tmp_path):
   if quantize == "none":
     assert report.max_abs_logit_diff <= report.tolerance
   else:
-    assert report.parity_top1_agreement >= 0.5
+    # Top-1 agreement on 4 random-weight images is a coin flip here (routes flip
+    # under int8: 2 of 4 at db391c0, 1 of 4 after, while 16 images gave 6 and 7);
+    # the relative logit error is the stable measure (0.54 and 0.45 on these 4;
+    # a file unrelated to the float model reads about 1 or more).
+    assert 0.0 <= report.parity_top1_agreement <= 1.0
+    assert report.relative_logit_error < 0.75
 
 
 def test_routing_map_lays_tokens_back_on_the_feature_map(tmp_path):
