@@ -134,6 +134,25 @@ def test_patch_conv_becomes_one_matmul(size, patch):
     assert "conv_general_dilated" in _primitives(jax.make_jaxpr(new)(*args).jaxpr)
 
 
+def test_context_folds_constants_through_ops_and_deep_chains():
+  gamma, var = np.float32([2.0, 3.0]), np.float32([4.0, 16.0])
+
+  def fn(x):
+    for _ in range(2000):  # A chain deeper than Python's recursion limit.
+      x = x + 1.0
+    return x * (lax.rsqrt(var) * gamma)  # BatchNorm's scale: ops on constants.
+
+  seen = []
+  record = lambda eqn, invals, ctx: seen.append([ctx.constant(v) for v in eqn.invars])
+  closed = jax.make_jaxpr(fn)(jnp.zeros(2))
+  jax.make_jaxpr(lambda x: rewrite.eval_jaxpr(  # Traced, as in an export.
+      closed.jaxpr, closed.consts, [x], base.Options(),
+      passes=(base.Pass("record", frozenset({"mul"}), record),)))(jnp.zeros(2))
+  traced, scale = seen[-1]
+  assert traced is None
+  np.testing.assert_allclose(scale, [1.0, 0.75])
+
+
 def _live(fn, *args) -> list:
   """Primitives that `fn`'s outputs depend on (the converter drops the rest)."""
   jaxpr = jax.make_jaxpr(fn)(*args).jaxpr

@@ -79,23 +79,50 @@ class Context:
     value = self.read(atom)
     if not is_traced(value):
       return np.asarray(value)
-    key = ("constant", atom)
-    if key not in self.cache:
-      self.cache[key] = self._fold(self.producers.get(atom))
-    return self.cache[key]
+    self._fold(atom)
+    return self.cache[("constant", atom)]
 
-  def _fold(self, eqn) -> Optional[np.ndarray]:
-    """The value of `eqn` (a FOLDABLE op) when all its inputs are constants."""
-    if eqn is None or eqn.primitive.name not in FOLDABLE:
-      return None
-    sources = []
-    for v in eqn.invars:
-      sources.append(self.constant(v))
-      if sources[-1] is None:
-        return None
-    import jax  # pylint: disable=g-import-not-at-top
-    with jax.ensure_compile_time_eval():
-      return np.asarray(bind(eqn, *sources))
+  def _fold(self, root) -> None:
+    """Caches the constant value (or None) of `root` and of what it depends on.
+
+    Iterative, not recursive: a residual stream is a chain of foldable adds as
+    deep as the model. An op is constant when all its inputs are; the first
+    input found not constant settles it.
+    """
+    stack = [root]
+    while stack:
+      atom = stack[-1]
+      key = ("constant", atom)
+      if key in self.cache:
+        stack.pop()
+        continue
+      eqn = self.producers.get(atom)
+      if eqn is None or eqn.primitive.name not in FOLDABLE:
+        self.cache[key] = None
+        stack.pop()
+        continue
+      sources, unknown = [], None
+      for v in eqn.invars:
+        if is_literal(v) or not is_traced(self.read(v)):
+          sources.append(np.asarray(v.val if is_literal(v) else self.read(v)))
+        elif ("constant", v) not in self.cache:
+          unknown = v
+          break
+        elif self.cache[("constant", v)] is None:
+          sources = None
+          break
+        else:
+          sources.append(self.cache[("constant", v)])
+      if unknown is not None:
+        stack.append(unknown)
+        continue
+      stack.pop()
+      if sources is None:
+        self.cache[key] = None
+        continue
+      import jax  # pylint: disable=g-import-not-at-top
+      with jax.ensure_compile_time_eval():
+        self.cache[key] = np.asarray(bind(eqn, *sources))
 
 
 @dataclasses.dataclass(frozen=True)

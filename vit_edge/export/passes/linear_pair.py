@@ -71,7 +71,7 @@ def _affine_step(eqn, ctx: base.Context) -> Optional[tuple[Any, str, np.ndarray,
     if base.is_literal(traced) or traced.aval.shape != out.shape:
       continue
     value = ctx.constant(const)
-    if value is not None and ctx.constant(traced) is None:
+    if value is not None:
       vector = _channel_vector(value, out.shape, out.shape[-1])
       return None if vector is None else (traced, eqn.primitive.name, vector, i == 1)
   return None
