@@ -7,8 +7,9 @@ one 64 -> 256 product gives the same map:
 
     ((x W1 + b1) * s + t) W2 = x (W1 diag(s) W2) + ((b1 * s + t) W2)
 
-The first layer's 1x1 projection and the next block's expansion are a second
-such pair. Together they are 12% of the MACs of MobileViTv2-0.5 and -1.0 at 256.
+Layer 4 into layer 5 is a second such pair, and layer 1's last 1x1 projection
+with layer 2's first expansion a third; merging the three saves 12% of the MACs
+of MobileViTv2-0.5 and -1.0 at 256.
 The pair is merged only where the merged product has fewer MACs (Cin * Cout <
 Cmid * (Cin + Cout)); a bottleneck (256 -> 64 -> 256) stays two products. The
 maps in between may be adds, subtractions and multiplications by per-channel
