@@ -165,6 +165,18 @@ def is_traced(x) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
+def is_plain_conv(eqn) -> bool:
+  """A 2-D NHWC/HWIO conv without padding, dilation or groups (kernel any size)."""
+  from vit_edge.models import layers  # pylint: disable=g-import-not-at-top
+  p = eqn.params
+  lhs, kernel = (v.aval for v in eqn.invars)
+  return (lhs.ndim == 4 and kernel.ndim == 4
+          and all(tuple(pad) == (0, 0) for pad in p["padding"])
+          and p["feature_group_count"] == 1 and p["batch_group_count"] == 1
+          and layers.undilated_nhwc(lhs, kernel, p["lhs_dilation"], p["rhs_dilation"],
+                                    p["dimension_numbers"]))
+
+
 def is_same_pool(eqn) -> bool:
   """A stride-1 'same' k x k (k odd) window op over H, W of an NHWC map."""
   p = eqn.params

@@ -31,22 +31,14 @@ _AFFINE = ("add", "sub", "mul")
 
 def _pointwise_kernel(eqn, ctx: base.Context) -> Optional[np.ndarray]:
   """[Cin, Cout] of a 1x1 NHWC conv or a projection with a constant kernel, else None."""
-  from vit_edge.models import layers  # pylint: disable=g-import-not-at-top
-  if eqn.primitive.name not in ("dot_general", "conv_general_dilated"):
-    return None
-  lhs, rhs = (v.aval for v in eqn.invars)
   if eqn.primitive.name == "dot_general":
+    lhs = eqn.invars[0].aval
     kernel = ctx.constant(eqn.invars[1])
     ok = kernel is not None and projection.is_projection(eqn, lhs, kernel)
     return kernel if ok else None
-  if lhs.ndim != 4 or rhs.ndim != 4:
-    return None
-  p = eqn.params
-  if (rhs.shape[:2] != (1, 1) or tuple(p["window_strides"]) != (1, 1)
-      or any(tuple(pad) != (0, 0) for pad in p["padding"])
-      or p["feature_group_count"] != 1 or p["batch_group_count"] != 1
-      or not layers.undilated_nhwc(lhs, rhs, p["lhs_dilation"], p["rhs_dilation"],
-                                   p["dimension_numbers"])):
+  if (eqn.primitive.name != "conv_general_dilated" or not base.is_plain_conv(eqn)
+      or eqn.invars[1].aval.shape[:2] != (1, 1)
+      or tuple(eqn.params["window_strides"]) != (1, 1)):
     return None
   kernel = ctx.constant(eqn.invars[1])
   return None if kernel is None else kernel[0, 0]

@@ -17,17 +17,11 @@ from vit_edge.export.passes import base
 
 def _patch_grid(eqn):
   """(rows, cols) of patches if `eqn` is a patchifying NHWC conv, else None."""
-  from vit_edge.models import layers  # pylint: disable=g-import-not-at-top
-  p = eqn.params
-  lhs, kernel = (v.aval for v in eqn.invars)
-  if lhs.ndim != 4 or kernel.ndim != 4:
+  if not base.is_plain_conv(eqn):
     return None
+  lhs, kernel = (v.aval for v in eqn.invars)
   kh, kw = kernel.shape[:2]
-  if (tuple(p["window_strides"]) != (kh, kw) or kh * kw == 1
-      or any(tuple(pad) != (0, 0) for pad in p["padding"])
-      or p["feature_group_count"] != 1 or p["batch_group_count"] != 1
-      or not layers.undilated_nhwc(lhs, kernel, p["lhs_dilation"], p["rhs_dilation"],
-                                   p["dimension_numbers"])):
+  if tuple(eqn.params["window_strides"]) != (kh, kw) or kh * kw == 1:
     return None
   grid = lhs.shape[1] // kh, lhs.shape[2] // kw
   return None if 0 in grid else grid
