@@ -208,6 +208,59 @@ def test_linear_pair_becomes_one_product():
     assert _live(rewrite.rewritten(fn, image), image).count("conv_general_dilated") >= 2
 
 
+def _live_products(fn, *args) -> list:
+  """Output shapes of the dot_generals that `fn`'s outputs depend on."""
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  needed, shapes = {v for v in jaxpr.outvars if not base.is_literal(v)}, []
+  for eqn in reversed(jaxpr.eqns):
+    if any(v in needed for v in eqn.outvars):
+      if eqn.primitive.name == "dot_general":
+        shapes.append(eqn.outvars[0].aval.shape)
+      needed |= {v for v in eqn.invars if not base.is_literal(v)}
+  return sorted(shapes)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_weighted_sum_of_keys_projects_one_vector(split):
+  """MobileViTv2's context vector: sum_n s_n (x_n Wk + bk) = (sum_n s_n x_n) Wk + bk sum s."""
+  rng = np.random.RandomState(6)
+  w = rng.randn(8, 17).astype(np.float32)  # One query, 8 key and 8 value channels.
+  b = rng.randn(17).astype(np.float32)
+  tokens = jnp.asarray(rng.randn(2, 4, 16, 8), jnp.float32)
+  options = base.Options(split_projections=split)
+
+  def attention(x):
+    qkv = x @ w + b
+    query, key, value = qkv[..., :1], qkv[..., 1:9], qkv[..., 9:]
+    scores = jax.nn.softmax(query, axis=2)
+    context = jnp.sum(key * scores, axis=2, keepdims=True)
+    return jax.nn.relu(value) * context
+
+  new = rewrite.rewritten(attention, tokens, options=options)
+  np.testing.assert_allclose(jax.jit(new)(tokens), attention(tokens), atol=1e-5,
+                             rtol=1e-5)
+  # No product over all tokens for the keys: one [8 x 8] per pixel position.
+  tokenwise = [(2, 4, 16, 1), (2, 4, 16, 8)] if split else [(2, 4, 16, 9)]
+  assert _live_products(new, tokens) == sorted([(8, 8)] + tokenwise)
+  # A projection summed directly (no slice), without a bias.
+  weights = jnp.asarray(rng.rand(2, 4, 16, 1), jnp.float32)
+  direct = lambda x, s: jnp.sum((x @ w[:, :8]) * s, axis=(1, 2))
+  new = rewrite.rewritten(direct, tokens, weights)
+  np.testing.assert_allclose(jax.jit(new)(tokens, weights), direct(tokens, weights),
+                             atol=1e-4, rtol=1e-5)
+  assert _live_products(new, tokens, weights) == [(2, 8)]
+  # Left alone: the keys read twice, weights per channel, a sum over channels.
+  def read_twice(x, s):
+    key = (x @ w + b)[..., 1:9]
+    return jnp.sum(key * s, axis=2), key
+
+  for fn in (read_twice,
+             lambda x, s: jnp.sum((x @ w + b)[..., 1:9] * (s * w[0, :8]), axis=2),
+             lambda x, s: jnp.sum((x @ w + b)[..., 1:9] * s, axis=3)):
+    assert _live_products(rewrite.rewritten(fn, tokens, weights), tokens,
+                          weights) == [(2, 4, 16, 17)]
+
+
 def test_sliced_projection_splits_with_int8_option_only():
   w = np.random.RandomState(1).randn(4, 9).astype(np.float32)
   b = np.random.RandomState(2).randn(9).astype(np.float32)

@@ -25,11 +25,13 @@ from vit_edge.export.passes import projection
 from vit_edge.export.passes import sliced_projection
 from vit_edge.export.passes import softmax
 from vit_edge.export.passes import strided_slice
+from vit_edge.export.passes import weighted_sum
 from vit_edge.export.passes import window_sum
 from vit_edge.export.passes.base import Context, Options, Pass
 
 # First match wins, so a specific pattern comes before a generic rewrite of the
-# same primitive (sliced_projection claims a slice before strided_slice looks).
+# same primitive (weighted_sum, then sliced_projection, claim a slice before
+# strided_slice looks).
 PASSES: tuple[Pass, ...] = (
     gelu.PASS,
     softmax.PASS,
@@ -38,6 +40,7 @@ PASSES: tuple[Pass, ...] = (
     linear_pair.PASS,
     patch_conv.PASS,
     broadcast.PASS,
+    weighted_sum.PASS,
     sliced_projection.PASS,
     projection.PASS,
     activation_product.PASS,

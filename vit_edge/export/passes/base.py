@@ -165,6 +165,16 @@ def is_traced(x) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
+def channel_vector(value: np.ndarray, shape, channels: int) -> Optional[np.ndarray]:
+  """`value` as a [channels] vector if it is constant along all but the last axis."""
+  try:
+    full = np.broadcast_to(value, shape)
+  except ValueError:
+    return None
+  rows = full.reshape(-1, channels)
+  return rows[0] if np.array_equal(rows, np.broadcast_to(rows[:1], rows.shape)) else None
+
+
 def is_plain_conv(eqn) -> bool:
   """A 2-D NHWC/HWIO conv without padding, dilation or groups (kernel any size)."""
   from vit_edge.models import layers  # pylint: disable=g-import-not-at-top

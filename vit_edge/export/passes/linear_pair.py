@@ -44,16 +44,6 @@ def _pointwise_kernel(eqn, ctx: base.Context) -> Optional[np.ndarray]:
   return None if kernel is None else kernel[0, 0]
 
 
-def _channel_vector(value: np.ndarray, shape, channels: int) -> Optional[np.ndarray]:
-  """`value` as a [channels] vector if it is constant along all but the last axis."""
-  try:
-    full = np.broadcast_to(value, shape)
-  except ValueError:
-    return None
-  rows = full.reshape(-1, channels)
-  return rows[0] if np.array_equal(rows, np.broadcast_to(rows[:1], rows.shape)) else None
-
-
 def _affine_step(eqn, ctx: base.Context) -> Optional[tuple[Any, str, np.ndarray, bool]]:
   """(traced input, op, per-channel constant, constant-first) of an affine step."""
   if eqn.primitive.name not in _AFFINE:
@@ -65,7 +55,7 @@ def _affine_step(eqn, ctx: base.Context) -> Optional[tuple[Any, str, np.ndarray,
       continue
     value = ctx.constant(const)
     if value is not None:
-      vector = _channel_vector(value, out.shape, out.shape[-1])
+      vector = base.channel_vector(value, out.shape, out.shape[-1])
       return None if vector is None else (traced, eqn.primitive.name, vector, i == 1)
   return None
 

@@ -20,6 +20,18 @@ def is_projection(eqn, lhs, rhs) -> bool:
           and tuple(rhs_contract) == (0,) and tuple(lhs_contract) == (lhs.ndim - 1,))
 
 
+def product_and_bias(atom, ctx: base.Context):
+  """(dot_general eqn, bias or None) when `atom` is ``x @ W`` or ``x @ W + b``."""
+  add = ctx.producer(atom, "add")
+  if add is not None:
+    for i in (0, 1):
+      bias = ctx.constant(add.invars[1 - i])
+      dot = ctx.producer(add.invars[i], "dot_general")
+      if bias is not None and dot is not None:
+        return dot, bias
+  return ctx.producer(atom, "dot_general"), None
+
+
 def project(eqn, lhs, rhs):
   """The projection `eqn` (see is_projection) of `lhs` by `rhs`, convertible."""
   if lhs.ndim not in (3, 4) or 1 not in lhs.shape[1:-1]:

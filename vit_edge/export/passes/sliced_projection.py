@@ -15,18 +15,6 @@ from vit_edge.export.passes import base
 from vit_edge.export.passes import projection
 
 
-def _product_and_bias(atom, ctx: base.Context):
-  """(dot_general eqn, bias or None) when `atom` is ``x @ W`` or ``x @ W + b``."""
-  add = ctx.producer(atom, "add")
-  if add is not None:
-    for i in (0, 1):
-      bias = ctx.constant(add.invars[1 - i])
-      dot = ctx.producer(add.invars[i], "dot_general")
-      if bias is not None and dot is not None:
-        return dot, bias
-  return ctx.producer(atom, "dot_general"), None
-
-
 def _apply(eqn, invals, ctx: base.Context):
   (x,) = invals
   p = eqn.params
@@ -38,7 +26,7 @@ def _apply(eqn, invals, ctx: base.Context):
          for d in range(last)):
     return None
   start, limit = p["start_indices"][last], p["limit_indices"][last]
-  dot, bias = _product_and_bias(eqn.invars[0], ctx)
+  dot, bias = projection.product_and_bias(eqn.invars[0], ctx)
   if dot is None:
     return None
   lhs, rhs = ctx.read(dot.invars[0]), ctx.read(dot.invars[1])
