@@ -175,6 +175,17 @@ def channel_vector(value: np.ndarray, shape, channels: int) -> Optional[np.ndarr
   return rows[0] if np.array_equal(rows, np.broadcast_to(rows[:1], rows.shape)) else None
 
 
+def last_axis_range(eqn) -> Optional[tuple[int, int]]:
+  """(start, limit) of a unit-stride `slice` equation that cuts only the last axis."""
+  p, shape = eqn.params, eqn.invars[0].aval.shape
+  if p.get("strides") and any(s != 1 for s in p["strides"]):
+    return None
+  if any(p["start_indices"][d] != 0 or p["limit_indices"][d] != shape[d]
+         for d in range(len(shape) - 1)):
+    return None
+  return p["start_indices"][-1], p["limit_indices"][-1]
+
+
 def is_plain_conv(eqn) -> bool:
   """A 2-D NHWC/HWIO conv without padding, dilation or groups (kernel any size)."""
   from vit_edge.models import layers  # pylint: disable=g-import-not-at-top

@@ -17,15 +17,10 @@ from vit_edge.export.passes import projection
 
 def _apply(eqn, invals, ctx: base.Context):
   (x,) = invals
-  p = eqn.params
-  if not ctx.options.split_projections or (
-      p.get("strides") and any(s != 1 for s in p["strides"])):
+  columns = base.last_axis_range(eqn)
+  if not ctx.options.split_projections or columns is None:
     return None
-  last = x.ndim - 1
-  if any(p["start_indices"][d] != 0 or p["limit_indices"][d] != x.shape[d]
-         for d in range(last)):
-    return None
-  start, limit = p["start_indices"][last], p["limit_indices"][last]
+  start, limit = columns
   dot, bias = projection.product_and_bias(eqn.invars[0], ctx)
   if dot is None:
     return None

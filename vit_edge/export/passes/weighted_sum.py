@@ -47,17 +47,6 @@ class _Plan:
   kept: tuple
 
 
-def _last_axis_range(eqn) -> Optional[tuple[int, int]]:
-  """(start, limit) of a unit-stride slice that cuts only the last axis."""
-  p, shape = eqn.params, eqn.invars[0].aval.shape
-  if p.get("strides") and any(s != 1 for s in p["strides"]):
-    return None
-  if any(p["start_indices"][d] != 0 or p["limit_indices"][d] != shape[d]
-         for d in range(len(shape) - 1)):
-    return None
-  return p["start_indices"][-1], p["limit_indices"][-1]
-
-
 def _summed_by(var, ctx: base.Context):
   """(reduce_sum eqn, weights atom) when `var`'s one reader is a token-weighted sum."""
   if not ctx.used_once(var):
@@ -95,7 +84,7 @@ def _make_plan(out, ctx: base.Context) -> Optional[_Plan]:
     return _Plan(dot, vector, ())
   kept, summed = [], False
   for reader in ctx.consumers.get(out, ()):
-    columns = _last_axis_range(reader) if reader.primitive.name == "slice" else None
+    columns = base.last_axis_range(reader) if reader.primitive.name == "slice" else None
     if columns is None:
       return None
     if _summed_by(reader.outvars[0], ctx) is not None:
@@ -118,7 +107,7 @@ def _kept_slice(eqn, ctx: base.Context):
     return None
   out = eqn.invars[0]
   plan = _plan(out, ctx)
-  columns = _last_axis_range(eqn)
+  columns = base.last_axis_range(eqn)
   if plan is None or columns not in plan.kept:
     return None
   key = ("weighted_sum_kept", out)
@@ -127,9 +116,7 @@ def _kept_slice(eqn, ctx: base.Context):
     x, kernel = ctx.read(plan.dot.invars[0]), np.asarray(ctx.read(plan.dot.invars[1]))
     ctx.cache[key] = (projection.project(plan.dot, x, kernel[:, index])
                       + plan.bias[index].astype(x.dtype))
-  offset = 0
-  for a, b in plan.kept[:plan.kept.index(columns)]:
-    offset += b - a
+  offset = sum(b - a for a, b in plan.kept[:plan.kept.index(columns)])
   kept = ctx.cache[key]
   return kept[..., offset:offset + columns[1] - columns[0]].astype(eqn.outvars[0].aval.dtype)
 
@@ -142,11 +129,12 @@ def _projected_sum(eqn, ctx: base.Context):
   if mul is None:
     return None
   for var in mul.invars:
-    if base.is_literal(var) or _summed_by(var, ctx) is None:
+    summed = None if base.is_literal(var) else _summed_by(var, ctx)
+    if summed is None:
       continue
-    weights = _summed_by(var, ctx)[1]
+    weights = summed[1]
     piece = ctx.producer(var, "slice")
-    out, columns = ((piece.invars[0], _last_axis_range(piece)) if piece is not None
+    out, columns = ((piece.invars[0], base.last_axis_range(piece)) if piece is not None
                     else (var, (0, var.aval.shape[-1])))
     plan = _plan(out, ctx)
     if plan is None:
