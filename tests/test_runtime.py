@@ -185,6 +185,23 @@ def test_latency_measure(model_path):
   assert stats["undelegated_ops"] == {}  # The tiny TFormer runs fully on XNNPACK.
 
 
+def test_file_macs_counts_the_products_the_file_computes(tmp_path):
+  rng = np.random.default_rng(0)
+  kernel = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+  weights = rng.standard_normal((144, 5)).astype(np.float32)
+
+  @tf.function(input_signature=[tf.TensorSpec([1, 6, 6, 3], tf.float32)])
+  def conv_then_dense(x):
+    y = tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME"))
+    return tf.reshape(y, [1, 144]) @ weights
+
+  path = tmp_path / "tiny.tflite"
+  path.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions(
+      [conv_then_dense.get_concrete_function()]).convert())
+  # 6 x 6 x 4 outputs of 3 x 3 x 3 MACs each, then 5 outputs of 144 MACs.
+  assert latency.file_macs(str(path)) == 6 * 6 * 4 * 27 + 5 * 144
+
+
 def test_latency_paired_times_two_files_in_turn(model_path, tmp_path, capsys):
   stats = latency.paired(model_path, model_path, num_threads=1, pairs=4, warmup=1)
   assert stats["pairs"] == 4 and stats["a_min_ms"] > 0 and stats["b_min_ms"] > 0

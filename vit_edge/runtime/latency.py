@@ -231,6 +231,24 @@ def _op_macs(name: str, inputs: list, outputs: list) -> int:
   return 0
 
 
+def file_macs(model_path: str) -> int:
+  """Multiply-accumulates of one inference of a .tflite file, from its op shapes.
+
+  Counts what the file computes (conv, depthwise, fully connected and batch
+  matmul ops), which the exporter's rewrites make smaller than the JAX model's
+  count (`vit_edge.complexity`): an engine's GMAC/s from the model's count would
+  credit the file with work it never does.
+  """
+  from ai_edge_litert.tools import flatbuffer_utils  # pylint: disable=g-import-not-at-top
+
+  model = flatbuffer_utils.read_model(model_path)
+  graph = model.subgraphs[0]
+  return sum(_op_macs(flatbuffer_utils.opcode_to_name(model, op.opcodeIndex),
+                      [list(graph.tensors[i].shape) for i in op.inputs if i >= 0],
+                      [list(graph.tensors[i].shape) for i in op.outputs])
+             for op in graph.operators)
+
+
 def profile_ops(model_path: str, num_threads: int = 1, runs: int = 15
                 ) -> list[dict[str, Any]]:
   """Per-op-type latency by isolation: every op runs as its own one-op model.
