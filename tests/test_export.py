@@ -306,7 +306,9 @@ def test_bench_writes_table_csv_and_plot(trained_workdir, tmp_path, capsys):
   random_row, trained_row = result["rows"]
   for row in (random_row, trained_row):
     assert row.median_ms > 0 and row.gmacs > 0 and row.size_mb > 0
-    assert 0 < row.matmul_fraction
+    # The matmul fraction credits the file with the MACs it computes.
+    assert row.file_gmacs > 0 and row.matmul_fraction == pytest.approx(
+        2 * row.file_gmacs * 1e9 / (row.median_ms * 1e-3) / result["matmul"]["flops_per_s"])
     assert row.logit_error < 1e-4  # Float files: relative logit error ~1e-6.
   assert result["matmul"]["flops_per_s"] > 1e9
   assert trained_row.source == "checkpoint" and trained_row.image_size == 32
