@@ -231,6 +231,15 @@ def _op_macs(name: str, inputs: list, outputs: list) -> int:
   return 0
 
 
+def _macs_of(model, op) -> int:
+  """`_op_macs` of one operator of a flatbuffer model object (its first subgraph)."""
+  from ai_edge_litert.tools import flatbuffer_utils  # pylint: disable=g-import-not-at-top
+  tensors = model.subgraphs[0].tensors
+  return _op_macs(flatbuffer_utils.opcode_to_name(model, op.opcodeIndex),
+                  [list(tensors[i].shape) for i in op.inputs if i >= 0],
+                  [list(tensors[i].shape) for i in op.outputs])
+
+
 def file_macs(model_path: str) -> int:
   """Multiply-accumulates of one inference of a .tflite file, from its op shapes.
 
@@ -242,11 +251,7 @@ def file_macs(model_path: str) -> int:
   from ai_edge_litert.tools import flatbuffer_utils  # pylint: disable=g-import-not-at-top
 
   model = flatbuffer_utils.read_model(model_path)
-  graph = model.subgraphs[0]
-  return sum(_op_macs(flatbuffer_utils.opcode_to_name(model, op.opcodeIndex),
-                      [list(graph.tensors[i].shape) for i in op.inputs if i >= 0],
-                      [list(graph.tensors[i].shape) for i in op.outputs])
-             for op in graph.operators)
+  return sum(_macs_of(model, op) for op in model.subgraphs[0].operators)
 
 
 def profile_ops(model_path: str, num_threads: int = 1, runs: int = 15
@@ -328,13 +333,11 @@ def profile_ops(model_path: str, num_threads: int = 1, runs: int = 15
                       for o in litert_private.ops_details(interpreter))
     except (RuntimeError, ValueError):  # An op that cannot run alone: skip it.
       continue
-    shapes = [list(graph.tensors[i].shape) for i in op.inputs if i >= 0]
-    out_shapes = [list(graph.tensors[i].shape) for i in op.outputs]
     row = totals.setdefault((name, delegated), {"op": name, "xnnpack": delegated,
                                                 "count": 0, "ms": 0.0, "macs": 0})
     row["count"] += 1
     row["ms"] += ms
-    row["macs"] += _op_macs(name, shapes, out_shapes)
+    row["macs"] += _macs_of(model, op)
   rows = sorted(totals.values(), key=lambda r: -r["ms"])
   for row in rows:
     row["gflops"] = 2 * row["macs"] / (row["ms"] * 1e-3) / 1e9 if row["macs"] else None

@@ -529,7 +529,7 @@ def efficiency_table(rows: Sequence[dict[str, Any]],
     peak = max(peak.values())
     report = reports[row["model"]]
     gmac = report["macs"] / 1e9
-    file_gmac = report.get("tflite_fp32", {}).get("macs", report["macs"]) / 1e9
+    file_gmac = report["tflite_fp32"]["macs"] / 1e9  # prepare() fills it in.
     cells = [_share(g / (row["ms"][e] / 1e3), peak)
              for g, e in ((gmac, "torch"), (gmac, "ort_fp32"), (file_gmac, "tflite_fp32"))]
     train = row.get("train_img_s", {})
