@@ -32,6 +32,7 @@ import dataclasses
 import os
 import sys
 import tempfile
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -155,7 +156,11 @@ def convert(fn: Callable, shape: Sequence[int], int8: bool = False) -> bytes:
   if int8:
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: _calibration(shape)
-  return converter.convert()
+  with warnings.catch_warnings():
+    # The input stays float and is quantised inside the graph with the calibrated
+    # scale, so there are no input statistics to give; TF warns all the same.
+    warnings.filterwarnings("ignore", "Statistics for quantized inputs")
+    return converter.convert()
 
 
 def _outputs(path: str, x: np.ndarray) -> np.ndarray:
