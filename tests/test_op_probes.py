@@ -59,7 +59,12 @@ def test_main_prints_one_row_per_probe_and_thread(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, named", [(["--probes=silu"], "'silu'"),
-                                          (["--threads=0"], "--threads='0'")])
-def test_bad_flags_are_named(argv, named):
+                                          (["--threads=0"], "--threads='0'"),
+                                          (["--pairs=0"], "--pairs=0"),
+                                          (["--out_dir=FILE"], "is a file")])
+def test_bad_flags_are_named(argv, named, tmp_path):
+  file = tmp_path / "notes.txt"
+  file.write_text("not a folder")
+  argv = [a.replace("FILE", str(file)) for a in argv]
   with pytest.raises(SystemExit, match=named):
     op_probes.main(argv + ["--size=tiny"])

@@ -269,7 +269,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threads = [0]
   if min(threads) < 1:
     raise SystemExit(f"--threads={args.threads!r}: expected positive integers, e.g. 1,2.")
+  if args.pairs < 1 or args.warmup < 0:
+    raise SystemExit(f"--pairs={args.pairs} must be >= 1 and --warmup={args.warmup} "
+                     ">= 0 (e.g. --pairs=200 --warmup=10).")
   out_dir = args.out_dir or tempfile.mkdtemp(prefix="op_probes_")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise SystemExit(f"--out_dir={out_dir!r} is a file; give a folder for the "
+                     ".tflite files (it is created if missing).")
   os.makedirs(out_dir, exist_ok=True)
   rows = [run_probe(name, t, args.pairs, args.warmup, out_dir, args.size)
           for t in threads for name in names]
