@@ -51,7 +51,6 @@ class Probe:
   `int8_b` converts form B with full int8 quantisation (float input/output).
   """
 
-  question: str
   form_a: str
   form_b: str
   build: Callable[[str], tuple[Callable, Callable]]
@@ -126,18 +125,18 @@ def _silu(size: str):
 
 
 PROBES: dict[str, Probe] = {
-    "int8_attention": Probe(
-        "attention products in int8?", "float32", "int8", _attention,
-        _attention_shapes, int8_b=True),
-    "pad_fusion": Probe(
-        "explicit PAD before a depthwise conv free?", "PAD + conv", "conv alone",
-        _padded_conv(_depthwise_shapes, depthwise=True), _depthwise_shapes),
-    "pad_fusion_stem": Probe(
-        "explicit PAD before the stem conv free?", "PAD + conv", "conv alone",
-        _padded_conv(_stem_shapes, depthwise=False), _stem_shapes),
-    "silu_forms": Probe(
-        "SiLU through TANH faster than LOGISTIC?", "x * sigmoid(x)",
-        "h + h * tanh(h)", _silu, _silu_shapes),
+    # Are attention products faster in int8?
+    "int8_attention": Probe("float32", "int8", _attention, _attention_shapes,
+                            int8_b=True),
+    # Is an explicit PAD before a depthwise conv free?
+    "pad_fusion": Probe("PAD + conv", "conv alone",
+                        _padded_conv(_depthwise_shapes, depthwise=True),
+                        _depthwise_shapes),
+    # ... and before the stem conv?
+    "pad_fusion_stem": Probe("PAD + conv", "conv alone",
+                             _padded_conv(_stem_shapes, depthwise=False), _stem_shapes),
+    # Is SiLU through TANH faster than through LOGISTIC?
+    "silu_forms": Probe("x * sigmoid(x)", "h + h * tanh(h)", _silu, _silu_shapes),
 }
 
 
@@ -175,13 +174,12 @@ def _outputs(path: str, x: np.ndarray) -> np.ndarray:
 def _ops(path: str) -> list[str]:
   """The op types of a .tflite file, in order (before delegation)."""
   from ai_edge_litert.tools import flatbuffer_utils  # pylint: disable=g-import-not-at-top
-  with open(path, "rb") as f:
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(f.read()))
+  model = flatbuffer_utils.read_model(path)
   return [flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
           for op in model.subgraphs[0].operators]
 
 
-def _undelegated(path: str, threads: int) -> dict[str, int]:
+def _undelegated(path: str, threads: int = 1) -> dict[str, int]:
   from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
   interpreter = Interpreter(model_path=path, num_threads=threads)
   interpreter.allocate_tensors()
@@ -211,16 +209,16 @@ def output_gap(name: str, size: str, paths: tuple[str, str]) -> Optional[float]:
   return float(np.abs(b - a).max() / np.abs(a).max())
 
 
-def run_probe(name: str, threads: int, pairs: int, warmup: int, out_dir: str,
-              size: str = "model") -> dict[str, Any]:
-  """Builds and times probe `name`; one row of :func:`table`."""
+def run_probe(name: str, threads: Sequence[int], pairs: int, warmup: int,
+              out_dir: str, size: str = "model") -> list[dict[str, Any]]:
+  """Builds probe `name` once and times it at each thread count; rows of :func:`table`."""
   paths = build_files(name, size, out_dir)
-  timing = latency.paired(*paths, num_threads=threads, pairs=pairs, warmup=warmup)
-  return {"probe": name, "threads": threads, **timing,
-          "ops_a": _ops(paths[0]), "ops_b": _ops(paths[1]),
-          "off_xnnpack_a": _undelegated(paths[0], threads),
-          "off_xnnpack_b": _undelegated(paths[1], threads),
-          "gap": output_gap(name, size, paths)}
+  checks = {"probe": name, "off_xnnpack_a": _undelegated(paths[0]),
+            "off_xnnpack_b": _undelegated(paths[1]),
+            "gap": output_gap(name, size, paths)}
+  return [{**checks, "threads": t,
+           **latency.paired(*paths, num_threads=t, pairs=pairs, warmup=warmup)}
+          for t in threads]
 
 
 def _off(ops: dict[str, int]) -> str:
@@ -277,8 +275,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     raise SystemExit(f"--out_dir={out_dir!r} is a file; give a folder for the "
                      ".tflite files (it is created if missing).")
   os.makedirs(out_dir, exist_ok=True)
-  rows = [run_probe(name, t, args.pairs, args.warmup, out_dir, args.size)
-          for t in threads for name in names]
+  by_probe = [run_probe(name, threads, args.pairs, args.warmup, out_dir, args.size)
+              for name in names]
+  rows = [rows[i] for i in range(len(threads)) for rows in by_probe]  # By thread count.
   print(table(rows))
   return 0
 
